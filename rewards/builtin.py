@@ -1,0 +1,3 @@
+"""Imports every built-in reward module so that its @register_reward runs."""
+
+from rewards import format_reward, math_answer  # noqa: F401
