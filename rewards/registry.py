@@ -32,14 +32,16 @@ class UnknownRewardError(ValueError):
     pass
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make ``fn`` available to configs as ``name``."""
+def register_reward(name: str, columns: tuple[str, ...] = ()) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make ``fn`` available to configs as ``name``. ``columns`` are the dataset
+    columns it reads; the trainer checks them before any work."""
 
     def decorate(fn: RewardFn) -> RewardFn:
         if name in _BUILTINS and _BUILTINS[name] is not fn:
             raise ValueError(f"reward {name!r} is registered twice")
         _BUILTINS[name] = fn
         fn.__reward_name__ = name  # type: ignore[attr-defined]
+        fn.required_columns = tuple(columns)  # type: ignore[attr-defined]
         return fn
 
     return decorate

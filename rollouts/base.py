@@ -13,7 +13,7 @@ from rollouts.record import Prompt, Rollout
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy (evaluation)
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_tokens: int = 256
@@ -29,7 +29,9 @@ class RolloutEngine(Protocol):
         """n completions per prompt, grouped: rollouts[i*n:(i+1)*n] belong to prompts[i]."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
         """Load the trainer's new weights (HF parameter names) and reset any cache."""
         ...
 

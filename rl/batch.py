@@ -1,0 +1,109 @@
+"""From rollout records to padded tensors, and per-token log-probs of completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rollouts.record import Rollout
+
+
+@dataclass
+class TokenBatch:
+    """Rollouts as tensors. Prompts are left-padded and completions right-padded, so every
+    completion starts at column ``prompt_width`` and the completion region is the last T columns."""
+
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T]
+    completion_mask: torch.Tensor  # [B, T] 1 on completion tokens
+    advantages: torch.Tensor  # [B]
+    sampler_logps: torch.Tensor | None  # [B, T] the rollout engine's, 0 where masked
+    prompt_width: int
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: list[int] | torch.Tensor) -> TokenBatch:
+        """A micro-batch, trimmed to its own widest prompt and completion."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        attention = self.attention_mask[rows]
+        completion_mask = self.completion_mask[rows]
+        prompt_lengths = attention[:, : self.prompt_width].sum(dim=1)
+        cut_left = self.prompt_width - int(prompt_lengths.max())
+        keep_right = int(completion_mask.sum(dim=1).max().clamp(min=1))
+        end = self.prompt_width + keep_right
+        return TokenBatch(
+            input_ids=self.input_ids[rows, cut_left:end],
+            attention_mask=attention[:, cut_left:end],
+            completion_mask=completion_mask[:, :keep_right],
+            advantages=self.advantages[rows],
+            sampler_logps=None
+            if self.sampler_logps is None
+            else self.sampler_logps[rows, :keep_right],
+            prompt_width=self.prompt_width - cut_left,
+        )
+
+
+def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> TokenBatch:
+    prompt_width = max(len(r.prompt.ids) for r in rollouts)
+    completion_width = max(max(len(r.completion_ids) for r in rollouts), 1)
+    size = len(rollouts)
+    input_ids = torch.full((size, prompt_width + completion_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros(size, completion_width)
+    has_sampler_logps = all(r.sampler_logps is not None for r in rollouts)
+    sampler_logps = torch.zeros(size, completion_width) if has_sampler_logps else None
+    for row, rollout in enumerate(rollouts):
+        p, c = len(rollout.prompt.ids), len(rollout.completion_ids)
+        input_ids[row, prompt_width - p : prompt_width] = torch.tensor(rollout.prompt.ids)
+        input_ids[row, prompt_width : prompt_width + c] = torch.tensor(
+            rollout.completion_ids, dtype=torch.long
+        )
+        attention_mask[row, prompt_width - p : prompt_width + c] = 1
+        if not (mask_truncated and rollout.truncated):
+            completion_mask[row, :c] = 1
+        if sampler_logps is not None:
+            sampler_logps[row, :c] = torch.tensor(rollout.sampler_logps)
+    advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
+    return TokenBatch(
+        input_ids, attention_mask, completion_mask, advantages, sampler_logps, prompt_width
+    )
+
+
+def completion_logps(
+    model, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each completion token under ``model`` at the sampling temperature, and the
+    entropy of each next-token distribution.
+
+    Only the logits of the completion region are materialised (``logits_to_keep``), and
+    position ids follow the attention mask, exactly as generate() numbers left-padded prompts.
+
+    returns logps [B, T] and entropy [B, T] (or None)
+    """
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)
+    attention_mask = batch.attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    width = batch.completion_width
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=width + 1,
+        use_cache=False,
+    ).logits[:, :-1, :]  # [B, T, V]: position t predicts completion token t
+    logits = logits.float() / temperature
+    targets = input_ids[:, -width:]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return logps, entropy

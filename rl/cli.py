@@ -1,0 +1,131 @@
+"""The `aha` command. Heavy imports (torch, transformers, vLLM) happen inside the commands that
+need them, so `aha --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TRAIN_HELP = """\
+Train a policy with a GRPO-family algorithm.
+
+CONFIG is a YAML file of overrides of the defaults (see configs/); each KEY=VALUE after it
+overrides one dotted key, the value read as YAML, e.g.:
+
+  aha train configs/default.yaml train.steps=5 rollout.group_size=4 model.lora.enabled=true
+  aha train configs/tiny.yaml run_dir=runs/smoke
+  aha train configs/tiny.yaml resume=runs/smoke train.steps=4
+
+run_dir=PATH sets the run folder (default runs/<config>-<time>); resume=RUN_DIR continues a
+run from its last complete checkpoint. The run folder gets config.yaml (resolved),
+metrics.jsonl, samples.jsonl, summary.json and checkpoints/step-N/.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aha",
+        description="aha: R1-style reinforcement learning for reasoning in language models.",
+        epilog="Run 'aha COMMAND --help' for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train",
+        help="train a policy from a YAML config with dotted overrides",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument(
+        "config", metavar="CONFIG", help="YAML config file (overrides of the defaults)"
+    )
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    config_cmd = commands.add_parser(
+        "config",
+        help="print the resolved config (defaults + file + overrides) as YAML",
+        description="Print the resolved config without training: a quick check of a YAML file and overrides.",
+    )
+    config_cmd.add_argument(
+        "config", metavar="CONFIG", nargs="?", help="YAML config file (omit for the defaults)"
+    )
+    config_cmd.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides"
+    )
+
+    rewards = commands.add_parser(
+        "rewards",
+        help="list reward functions",
+        description="Reward functions: built-in and plugins.",
+    )
+    rewards_sub = rewards.add_subparsers(dest="rewards_command", metavar="SUBCOMMAND")
+    rewards_sub.add_parser(
+        "list",
+        help="every built-in and installed reward with its description",
+        description="List every built-in reward and those from the 'aha.rewards' entry-point group.",
+    )
+
+    commands.add_parser(
+        "tasks",
+        help="list the built-in datasets and tasks",
+        description="List the built-in tasks (datasets that need no download).",
+    )
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"aha: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rl.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from rl.run import train
+
+    train(config, config_path=args.config, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rl.errors import USER_ERRORS
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "config":
+            from rl.config import config_to_yaml, load_config
+
+            print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+            return 0
+        if args.command == "rewards":
+            if args.rewards_command != "list":
+                parser.parse_args(["rewards", "--help"])
+            from rewards import list_rewards
+
+            for name, description in list_rewards().items():
+                print(f"{name:24} {description}")
+            return 0
+        if args.command == "tasks":
+            from rl.tasks import list_tasks
+
+            for name, task in list_tasks().items():
+                print(f"{name:20} {'/'.join(task.splits):12} {task.description}")
+            return 0
+        parser.print_help()
+        return 0
+    except USER_ERRORS as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return _fail(
+            "interrupted; the last complete checkpoint is intact (resume=RUN_DIR continues)"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

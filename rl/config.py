@@ -1,0 +1,402 @@
+"""The typed run configuration.
+
+A YAML file holds overrides of the defaults below, dotted ``key.path=value`` arguments override
+the file, and every value is checked against its field's type before any work starts: an
+unknown key or a bad value is one line naming the key and what is allowed. The resolved config
+is written into the run folder and loads back to the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. First think about the problem step by step inside "
+    "<think> </think> tags, then give only the final answer inside <answer> </answer> tags, "
+    "for example: <think> reasoning here </think> <answer> 42 </answer>"
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, said in one line that names the key."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m" (embedded, no download), "tiny-random" (built on the fly for tests),
+    # a local Hugging Face model folder, or a hub id (needs the network).
+    name: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = (
+        "float32"  # fp32 is faster on CPUs without bf16 units
+    )
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    # A built-in task (see `aha tasks`), a local .jsonl/.json/.parquet/.csv file, or a hub id.
+    dataset: str = "arithmetic"
+    split: str = "train"
+    eval_dataset: str | None = None  # None: the same dataset's eval_split
+    eval_split: str = "test"
+    eval_size: int = 100  # held-out prompts scored before and after training (0 = none)
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"  # renamed to `answer` for the rewards
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the task's own, else no system turn
+    task_options: dict[str, Any] = field(default_factory=dict)  # passed to a built-in task's loader
+    max_prompt_tokens: int = 512  # longer prompts are an error naming the row
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["transformers", "vllm"] = "transformers"
+    group_size: int = 8  # G: completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 64  # sequences per generate() call in the transformers engine
+
+
+@dataclass
+class RewardSpec:
+    name: str = "math"  # registry name, an `aha.rewards` entry point, or path/to/file.py:function
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the function
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "grpo"  # rl.algorithms registry: grpo, dr_grpo, rloo
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    policy_loss: str = "clip"  # rl.algorithms registry
+    loss_aggregation: str = "seq_mean_token_mean"  # rl.algorithms registry
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    mask_truncated: bool = False  # leave completions cut at max_tokens out of the loss
+    reward_timeout_s: float = 60.0  # a reward call that takes longer scores 0 for the batch
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    prompts_per_step: int = 4  # generation batch = prompts_per_step * group_size completions
+    micro_batch_size: int = 8  # sequences per forward/backward
+    learning_rate: float = 1e-5
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 10  # steps between checkpoints (the last step always saves; 0 = only last)
+    keep_checkpoints: int = 2
+    sample_log_every: int = 1  # steps between samples.jsonl entries
+    samples_per_log: int = 8
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = field(
+        default_factory=lambda: [RewardSpec("math", 1.0), RewardSpec("format", 0.2)]
+    )
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str | None = None  # None: runs/<config name>-<time>
+    resume: str | None = None  # a run folder: continue from its last checkpoint
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked (and mildly coerced: int -> float) against type `tp`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_type, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(
+                f"unknown key {dotted!r}; {prefix or 'the top level'} takes: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """data[a][b][c] = value for "a.b.c"; a number indexes a list (rewards.0.weight)."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"{dotted}: {'.'.join(parts[:i])} has no item {part} (it has {len(node)})"
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if last:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), dict | list):
+                node[part] = {}
+            node = node[part]
+
+
+def _defaults_as_data() -> dict[str, Any]:
+    return dataclasses.asdict(Config())
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if (
+            isinstance(value, dict)
+            and isinstance(merged.get(key), dict)
+            and key not in ("options", "task_options")
+        ):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """ "train.steps=5" -> ("train.steps", 5); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Defaults, then the YAML file, then the dotted overrides; validated."""
+    data = _defaults_as_data()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            from_file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"{path}: not valid YAML ({error.__class__.__name__}: {str(error).splitlines()[0]})"
+            ) from None
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        _check_known(from_file, Config, "")
+        data = _merge(data, from_file)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_known({}, Config, "", dotted_key=key)
+        _set_dotted(data, key, value)
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def _check_known(
+    data: dict[str, Any], cls: type, prefix: str, dotted_key: str | None = None
+) -> None:
+    """Fail on a key the config classes do not have, before merging with the defaults."""
+    if dotted_key is not None:
+        node_cls: Any = cls
+        walked = []
+        for part in dotted_key.split("."):
+            if typing.get_origin(node_cls) is list:
+                node_cls = typing.get_args(node_cls)[0]
+                walked.append(part)
+                continue
+            if not dataclasses.is_dataclass(node_cls):
+                return  # inside a free-form mapping such as options
+            hints = typing.get_type_hints(node_cls)
+            if part not in hints:
+                where = ".".join(walked) or "the top level"
+                allowed = ", ".join(f.name for f in dataclasses.fields(node_cls))
+                raise ConfigError(f"unknown key {dotted_key!r}; {where} takes: {allowed}")
+            node_cls = hints[part]
+            if typing.get_origin(node_cls) in (typing.Union, types.UnionType):
+                node_cls = next(a for a in typing.get_args(node_cls) if a is not type(None))
+            walked.append(part)
+        return
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            allowed = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(
+                f"unknown key {dotted!r}; {prefix or 'the top level'} takes: {allowed}"
+            )
+        field_type = hints[key]
+        if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
+            _check_known(value, field_type, dotted)
+
+
+def validate(config: Config) -> None:
+    """Checks that span fields or need a registry; each failure names the key."""
+    positive = {
+        "rollout.group_size": config.rollout.group_size,
+        "rollout.max_tokens": config.rollout.max_tokens,
+        "rollout.batch_size": config.rollout.batch_size,
+        "train.steps": config.train.steps,
+        "train.prompts_per_step": config.train.prompts_per_step,
+        "train.micro_batch_size": config.train.micro_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.rollout.group_size < 2:
+        raise ConfigError(
+            "rollout.group_size: group-relative advantages need at least 2 completions per prompt"
+        )
+    if not 0 < config.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {config.rollout.top_p}")
+    if config.rollout.temperature <= 0:
+        raise ConfigError(
+            f"rollout.temperature: must be > 0 for sampling, got {config.rollout.temperature}"
+        )
+    if config.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate: must be > 0, got {config.train.learning_rate}")
+    if len(config.train.adam_betas) != 2:
+        raise ConfigError(f"train.adam_betas: expected two numbers, got {config.train.adam_betas}")
+    if not config.rewards:
+        raise ConfigError("rewards: at least one reward is needed")
+    from rl import algorithms  # registries; cheap, but imports torch
+
+    for key, registry in (
+        ("algorithm.advantage", algorithms.ADVANTAGES),
+        ("algorithm.policy_loss", algorithms.POLICY_LOSSES),
+        ("algorithm.loss_aggregation", algorithms.LOSS_AGGREGATIONS),
+    ):
+        name = getattr(config.algorithm, key.split(".")[1])
+        if name not in registry:
+            raise ConfigError(f"{key}: unknown {name!r}; known: {', '.join(sorted(registry))}")
+    from rewards import UnknownRewardError, get_reward
+
+    for i, spec in enumerate(config.rewards):
+        try:
+            get_reward(spec.name)
+        except UnknownRewardError as error:
+            raise ConfigError(f"rewards.{i}.name: {error}") from None
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(config_to_yaml(config))

@@ -1,0 +1,135 @@
+"""Prompts for the loop: rows from a built-in task, a local file or the hub, rendered with the
+model's chat template."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rl.tasks import get_task, list_tasks
+from rollouts.record import Prompt
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    pass
+
+
+def load_rows(
+    dataset: str, split: str, seed: int = 0, task_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a built-in task, a local file, or a hub dataset (needs the network)."""
+    task = get_task(dataset)
+    if task is not None:
+        if split not in task.splits:
+            raise DataError(
+                f"data: task {dataset!r} has splits {', '.join(task.splits)}, not {split!r}"
+            )
+        try:
+            return task.load(split, seed=seed, **(task_options or {}))
+        except TypeError as error:
+            raise DataError(f"data.task_options for {dataset!r}: {error}") from None
+    path = Path(dataset).expanduser()
+    import datasets
+
+    datasets.disable_progress_bars()
+    if path.suffix in FILE_FORMATS:
+        if not path.is_file():
+            raise DataError(f"data.dataset: file {path} does not exist")
+        try:
+            loaded = datasets.load_dataset(
+                FILE_FORMATS[path.suffix], data_files=str(path), split="train"
+            )
+        except Exception as error:
+            raise DataError(
+                f"data.dataset: cannot read {path}: {str(error).splitlines()[0]}"
+            ) from None
+        return list(loaded)
+    if path.exists() or dataset.count("/") != 1:
+        known = ", ".join(list_tasks())
+        raise DataError(
+            f"data.dataset: {dataset!r} is not a built-in task ({known}), a .jsonl/.json/.parquet/.csv file, or a hub id"
+        )
+    try:
+        return list(datasets.load_dataset(dataset, split=split))
+    except Exception as error:
+        raise DataError(
+            f"data.dataset: cannot load hub dataset {dataset!r} split {split!r}: {str(error).splitlines()[0]}"
+        ) from None
+
+
+def check_columns(
+    rows: list[dict[str, Any]], source: str, prompt_column: str, needed: list[str]
+) -> None:
+    if not rows:
+        raise DataError(f"{source}: has no rows")
+    for column in [prompt_column, *needed]:
+        for index, row in enumerate(rows):
+            if column not in row or row[column] is None:
+                present = ", ".join(rows[0])
+                raise DataError(
+                    f"{source}: row {index} has no {column!r} column (columns: {present})"
+                )
+
+
+def system_prompt_for(dataset: str, configured: str | None) -> str | None:
+    task = get_task(dataset)
+    if task is not None and task.system_prompt is not None:
+        return task.system_prompt
+    return configured
+
+
+def render_prompts(
+    rows: list[dict[str, Any]],
+    tokenizer,
+    prompt_column: str,
+    answer_column: str,
+    system_prompt: str | None,
+    max_prompt_tokens: int,
+    source: str,
+) -> list[Prompt]:
+    """Each row as chat messages, templated and tokenized; the other columns ride along for the
+    rewards (the answer column under the name `answer`)."""
+    prompts = []
+    for index, row in enumerate(rows):
+        question = row[prompt_column]
+        if isinstance(question, list):  # already chat messages
+            messages = list(question)
+        else:
+            messages = [{"role": "user", "content": str(question)}]
+        if system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            raise DataError(
+                f"{source}: row {index} prompt has {len(ids)} tokens, over data.max_prompt_tokens={max_prompt_tokens}"
+            )
+        columns = {k: v for k, v in row.items() if k != prompt_column}
+        if answer_column != "answer" and answer_column in columns:
+            columns["answer"] = columns.pop(answer_column)
+        prompts.append(Prompt(index=index, messages=messages, ids=list(ids), row=columns))
+    return prompts
+
+
+def batches(
+    prompts: list[Prompt], batch_size: int, seed: int, start_batch: int = 0
+) -> Iterator[list[Prompt]]:
+    """An endless stream of prompt batches, reshuffled every epoch from the seed, so that a
+    resumed run sees the same batches a run without a stop would have seen."""
+    per_epoch = max(len(prompts) // batch_size, 1)
+    batch = start_batch
+    while True:
+        epoch, position = divmod(batch, per_epoch)
+        order = list(range(len(prompts)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        chosen = order[position * batch_size : (position + 1) * batch_size]
+        yield [
+            Prompt(index=i, messages=prompts[j].messages, ids=prompts[j].ids, row=prompts[j].row)
+            for i, j in enumerate(chosen)
+        ]
+        batch += 1

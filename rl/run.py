@@ -1,0 +1,207 @@
+"""A training run: its folder, set-up, loop, checkpoints, logs and held-out evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rl.config import Config, ConfigError, config_to_yaml, load_config, save_config
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    steps: int
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    seconds: float
+
+
+def make_run_dir(config: Config, config_path: str | None) -> Path:
+    if config.resume:
+        run_dir = Path(config.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume: {run_dir} is not a run folder (no config.yaml)")
+        return run_dir
+    if config.run_dir:
+        run_dir = Path(config.run_dir)
+        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            raise ConfigError(
+                f"run_dir: {run_dir} already holds a run; use resume={run_dir} to continue it"
+            )
+    else:
+        name = Path(config_path).stem if config_path else "run"
+        run_dir = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop lines of steps after the checkpoint we resume from: they will be redone."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line).get("step", 0) <= last_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _append_json(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+
+
+def train(config: Config, config_path: str | None = None, progress: bool = True) -> RunSummary:
+    """Set up from the config and run the loop to config.train.steps."""
+    from rl import setup
+    from rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+    from rl.data import batches
+    from rl.trainer import evaluate, train_step
+
+    started = time.time()
+    resuming = config.resume is not None
+    if resuming:  # the run's own config, with the few keys a resume may change
+        saved = load_config(Path(config.resume) / "config.yaml")
+        saved.resume, saved.train.steps = config.resume, config.train.steps
+        config = saved
+    run_dir = make_run_dir(config, config_path)
+    checkpoint = latest_checkpoint(run_dir) if resuming else None
+    if resuming and checkpoint is None:
+        raise ConfigError(f"resume: {run_dir} has no complete checkpoint to resume from")
+    save_config(config, run_dir / "config.yaml")
+
+    parts = setup.build(config, checkpoint)
+    trainer = parts.trainer
+    eval_before = eval_after = None
+    if checkpoint is not None:
+        state, payload = load_trainer_state(checkpoint)
+        trainer.optimizer.load_state_dict(payload["optimizer"])
+        trainer.scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(payload["rng"])
+        trainer.step = state["step"]
+        trainer.engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
+        eval_before = state.get("eval_before")
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            _truncate_log(run_dir / log, trainer.step)
+        print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
+    elif parts.eval_prompts:
+        print(
+            f"Held-out evaluation before training ({len(parts.eval_prompts)} prompts)...",
+            flush=True,
+        )
+        eval_before = evaluate(
+            trainer.engine, parts.eval_prompts, trainer.rewards, config.rollout.max_tokens
+        )
+        _append_json(
+            run_dir / "metrics.jsonl",
+            {"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}},
+        )
+        print(f"  accuracy before: {eval_before['accuracy']:.3f}", flush=True)
+
+    stream = batches(
+        parts.train_prompts,
+        config.train.prompts_per_step,
+        config.train.seed,
+        start_batch=trainer.step,
+    )
+    bar = _progress(config.train.steps, trainer.step, progress)
+    extra = {"eval_before": eval_before}
+    while trainer.step < config.train.steps:
+        clock = time.perf_counter()
+        metrics = train_step(trainer, next(stream))
+        metrics["timing_s/step"] = time.perf_counter() - clock
+        metrics["perf/throughput"] = metrics["tokens"] / metrics["timing_s/step"]
+        _append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **metrics})
+        if trainer.step % config.train.sample_log_every == 0:
+            for sample in trainer.samples[: config.train.samples_per_log]:
+                _append_json(run_dir / "samples.jsonl", {"step": trainer.step, **sample})
+        last = trainer.step == config.train.steps
+        if last or (config.train.save_every and trainer.step % config.train.save_every == 0):
+            save_checkpoint(
+                run_dir,
+                trainer.step,
+                trainer.model,
+                trainer.tokenizer,
+                trainer.optimizer,
+                trainer.scheduler,
+                extra,
+                config.train.keep_checkpoints,
+            )
+        bar.update(1)
+        bar.set_postfix(
+            reward=f"{metrics['reward/mean']:.3f}",
+            step_s=f"{metrics['timing_s/step']:.1f}",
+            refresh=False,
+        )
+    bar.close()
+
+    if parts.eval_prompts:
+        print(
+            f"Held-out evaluation after training ({len(parts.eval_prompts)} prompts)...", flush=True
+        )
+        eval_after = evaluate(
+            trainer.engine, parts.eval_prompts, trainer.rewards, config.rollout.max_tokens
+        )
+        _append_json(
+            run_dir / "metrics.jsonl",
+            {"step": trainer.step, **{f"eval/{k}": v for k, v in eval_after.items()}},
+        )
+    trainer.engine.close()
+    summary = RunSummary(run_dir, trainer.step, eval_before, eval_after, time.time() - started)
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": summary.steps,
+                "seconds": round(summary.seconds, 1),
+                "eval_before": eval_before,
+                "eval_after": eval_after,
+            },
+            indent=2,
+        )
+    )
+    print_summary(summary, run_dir)
+    return summary
+
+
+def _progress(total: int, done: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=done,
+        desc="train",
+        unit="step",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def print_summary(summary: RunSummary, run_dir: Path) -> None:
+    lines = [f"Run folder: {run_dir}", f"Steps: {summary.steps} in {summary.seconds / 60:.1f} min"]
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        rewards = [s["reward/mean"] for s in steps if "reward/mean" in s]
+        if rewards:
+            head, tail = rewards[: max(len(rewards) // 4, 1)], rewards[-max(len(rewards) // 4, 1) :]
+            lines.append(
+                f"Train reward: {sum(head) / len(head):.3f} (first quarter) -> {sum(tail) / len(tail):.3f} (last quarter)"
+            )
+    if summary.eval_before is not None and summary.eval_after is not None:
+        lines.append(
+            f"Held-out accuracy: {summary.eval_before['accuracy']:.3f} before -> {summary.eval_after['accuracy']:.3f} after"
+        )
+    elif summary.eval_after is not None:
+        lines.append(f"Held-out accuracy after: {summary.eval_after['accuracy']:.3f}")
+    print("\n".join(lines), flush=True)
+
+
+__all__ = ["RunSummary", "config_to_yaml", "train"]

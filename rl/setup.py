@@ -1,0 +1,158 @@
+"""Builds a Trainer from a config: model, reference, optimizer, engine, rewards, prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rl.config import Config, ConfigError
+from rl.data import check_columns, load_rows, render_prompts, system_prompt_for
+from rl.models import load_policy, load_tokenizer, resolve_model
+from rl.scoring import WeightedReward
+from rl.trainer import Trainer, seed_everything
+from rollouts.base import SamplingSettings
+from rollouts.record import Prompt
+
+
+@dataclass
+class Parts:
+    trainer: Trainer
+    train_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+
+
+def build_rewards(config: Config) -> list[WeightedReward]:
+    from rewards import get_reward
+
+    return [
+        WeightedReward(spec.name, get_reward(spec.name), spec.weight, dict(spec.options))
+        for spec in config.rewards
+    ]
+
+
+def build_prompts(
+    config: Config, tokenizer, rewards: list[WeightedReward]
+) -> tuple[list[Prompt], list[Prompt]]:
+    data = config.data
+    needed = sorted({c for r in rewards for c in getattr(r.fn, "required_columns", ())})
+    needed = [data.answer_column if c == "answer" else c for c in needed]
+    system_prompt = system_prompt_for(data.dataset, data.system_prompt)
+    rows = load_rows(data.dataset, data.split, config.train.seed, data.task_options)
+    source = f"data.dataset {data.dataset!r} split {data.split!r}"
+    check_columns(rows, source, data.prompt_column, needed)
+    train_prompts = render_prompts(
+        rows,
+        tokenizer,
+        data.prompt_column,
+        data.answer_column,
+        system_prompt,
+        data.max_prompt_tokens,
+        source,
+    )
+    eval_prompts: list[Prompt] = []
+    if data.eval_size > 0:
+        eval_name = data.eval_dataset or data.dataset
+        eval_rows = load_rows(eval_name, data.eval_split, config.train.seed, data.task_options)[
+            : data.eval_size
+        ]
+        eval_source = f"data.eval_dataset {eval_name!r} split {data.eval_split!r}"
+        check_columns(eval_rows, eval_source, data.prompt_column, needed)
+        eval_prompts = render_prompts(
+            eval_rows,
+            tokenizer,
+            data.prompt_column,
+            data.answer_column,
+            system_prompt_for(eval_name, data.system_prompt),
+            data.max_prompt_tokens,
+            eval_source,
+        )
+    return train_prompts, eval_prompts
+
+
+def build_engine(config: Config, model, tokenizer, model_folder: Path):
+    if config.rollout.engine == "transformers":
+        from rollouts.hf_engine import TransformersEngine
+
+        return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
+    raise ConfigError(
+        f"rollout.engine: {config.rollout.engine!r} is not available yet; use 'transformers'"
+    )
+
+
+def build_scheduler(config: Config, optimizer):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[
+        config.train.lr_schedule
+    ]
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=config.train.warmup_steps,
+        num_training_steps=config.train.steps,
+    )
+
+
+def build(config: Config, checkpoint: Path | None = None) -> Parts:
+    seed_everything(config.train.seed)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    rewards = build_rewards(config)
+    model_folder = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(model_folder)
+    train_prompts, eval_prompts = build_prompts(config, tokenizer, rewards)
+
+    lora = config.model.lora
+    if checkpoint is not None and not lora.enabled:
+        model = load_policy(
+            checkpoint, config.model.dtype, None, config.model.gradient_checkpointing
+        )
+    else:
+        model = load_policy(
+            model_folder, config.model.dtype, lora, config.model.gradient_checkpointing
+        )
+        if checkpoint is not None:  # LoRA: the checkpoint holds the adapter only
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    ref_model = None
+    if (
+        config.algorithm.beta > 0 and not lora.enabled
+    ):  # with LoRA the base (adapters off) is the reference
+        ref_model = (
+            load_policy(model_folder, config.model.dtype).to(device).eval().requires_grad_(False)
+        )
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.train.learning_rate,
+        betas=tuple(config.train.adam_betas),
+        weight_decay=config.train.weight_decay,
+    )
+    r = config.rollout
+    sampling = SamplingSettings(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_tokens=r.max_tokens,
+        stop=tuple(r.stop),
+    )
+    trainer = Trainer(
+        config=config,
+        model=model,
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=build_scheduler(config, optimizer),
+        engine=build_engine(config, model, tokenizer, model_folder),
+        rewards=rewards,
+        sampling=sampling,
+    )
+    return Parts(trainer, train_prompts, eval_prompts)
