@@ -13,13 +13,18 @@ from rewards.registry import register_reward
 from rewards.text import completion_text
 
 # Strict: nothing but one think block then one answer block (whitespace allowed between).
-_STRICT = re.compile(r"^\s*<think>(?:(?!<think>|</think>).)+</think>\s*<answer>(?:(?!<answer>|</answer>).)+</answer>\s*$", re.DOTALL)
+_STRICT = re.compile(
+    r"^\s*<think>(?:(?!<think>|</think>).)+</think>\s*<answer>(?:(?!<answer>|</answer>).)+</answer>\s*$",
+    re.DOTALL,
+)
 # Lenient: a closed think block followed, anywhere later, by a closed answer block.
 _LENIENT = re.compile(r"<think>.+?</think>.*?<answer>.+?</answer>", re.DOTALL)
 
 
 @register_reward("format")
-def format_reward(prompts: list, completions: list, strict: bool = True, **_: Any) -> list[float | None]:
+def format_reward(
+    prompts: list, completions: list, strict: bool = True, **_: Any
+) -> list[float | None]:
     """1 if the completion is <think>reasoning</think> then <answer>answer</answer>, else 0."""
     pattern = _STRICT if strict else _LENIENT
     return [1.0 if pattern.search(completion_text(c)) else 0.0 for c in completions]

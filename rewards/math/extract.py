@@ -25,7 +25,7 @@ STRATEGIES = ("answer_tag", "boxed", "answer_is", "gsm8k", "last_latex", "last_n
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(
-    r"(?:final\s+answer|the\s+answer)\s*(?:is|:|=)\s*:?\s*(.+?)(?:\n|$|(?<=[^\d\\])\.(?:\s|$))",
+    r"(?:final\s+answer|the\s+answer)\s*(?:is|:|=)\s*:?\s*(.+?)(?:\n|$|\.(?:\s|$))",
     re.IGNORECASE,
 )
 _GSM8K = re.compile(r"####\s*([^\n]+)")

@@ -38,12 +38,14 @@ def normalize(answer: str) -> str:
     return s.rstrip(".")
 
 
-def parse_plain_number(answer: str) -> tuple[Fraction, bool, bool] | None:
-    """``(value, is_decimal, is_percent)`` if ``answer`` is one plain number, else None.
+def parse_plain_number(answer: str) -> tuple[Fraction, int, bool] | None:
+    """``(value, decimal places written, is_percent)`` if ``answer`` is one plain number, else None.
 
     Accepts ``1,234``, ``-3.5``, ``.5``, ``1.5e3``, ``1.5\\times10^{3}``, ``3/4``, ``\\frac{3}{4}``,
     ``50\\%``, ``\\$12``, ``12 dollars``. Decimals are kept exact (Fraction("0.1") is 1/10).
     """
+    if re.search(r",\s", answer):  # "32, 349" is a list of two numbers, not 32349
+        return None
     s = _UNIT_WORDS.sub("", answer.strip())
     s = _TEXT_WRAPPER.sub(r"\1", s)
     s = normalize(s)
@@ -58,7 +60,7 @@ def parse_plain_number(answer: str) -> tuple[Fraction, bool, bool] | None:
         if denominator == 0:
             return None
         value = Fraction(numerator, denominator)
-        return (-value if m["sign"] else value), False, percent
+        return (-value if m["sign"] else value), 0, percent
     m = _NUMBER.fullmatch(s)
     if not m:
         return None
@@ -68,13 +70,13 @@ def parse_plain_number(answer: str) -> tuple[Fraction, bool, bool] | None:
     if exp_text is not None and abs(int(exp_text)) > 400:  # 1e99999 is a hang, not a number
         return None
     value = Fraction(int(integer + frac), 10 ** len(frac)) * Fraction(10) ** int(exp_text or 0)
-    is_decimal = bool(frac) or "." in s
-    return (-value if m["sign"] == "-" else value), is_decimal, percent
+    decimals = len(frac) if (frac or "." in s) else 0
+    return (-value if m["sign"] == "-" else value), decimals, percent
 
 
 def numbers_equal(
-    gold: tuple[Fraction, bool, bool],
-    pred: tuple[Fraction, bool, bool],
+    gold: tuple[Fraction, int, bool],
+    pred: tuple[Fraction, int, bool],
     percent: str = "either",
     rel_tol: float = 1e-6,
 ) -> bool:
@@ -82,18 +84,21 @@ def numbers_equal(
 
     ``percent``: "either" (50% matches 50 and 0.5), "value" (50% is 0.5 only), "number" (50% is
     50 only). A decimal such as 0.333333 may stand for 1/3, as in Math-Verify's numeric
-    comparison; two exact values (integers, fractions) must be exactly equal, so 1/2004! and
+    comparison, when it is within ``rel_tol`` or is the other value rounded to its 6+ places
+    (0.333333 is 1/3, 0.33 is not); two exact values (integers, fractions) must be exactly equal, so 1/2004! and
     1/2006! are different.
     """
     (g, g_dec, g_pct), (p, p_dec, p_pct) = gold, pred
     gold_values = _percent_readings(g, g_pct, percent)
     pred_values = _percent_readings(p, p_pct, percent)
-    tolerant = g_dec or p_dec
+    places = max(g_dec, p_dec)
     for gv in gold_values:
         for pv in pred_values:
             if gv == pv:
                 return True
-            if tolerant and abs(gv - pv) <= Fraction(rel_tol) * max(abs(gv), abs(pv)):
+            if places and abs(gv - pv) <= Fraction(rel_tol) * max(abs(gv), abs(pv)):
+                return True
+            if places >= 6 and abs(gv - pv) <= Fraction(1, 2 * 10**places):
                 return True
     return False
 

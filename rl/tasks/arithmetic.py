@@ -22,17 +22,29 @@ def _problem(rng: random.Random, level: int) -> tuple[str, int]:
     thing = rng.choice(_THINGS)
     if level == 1:  # one-digit addition
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        return f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b
+        return (
+            f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
+            a + b,
+        )
     if level == 2:  # subtraction within 20
         a = rng.randint(5, 20)
         b = rng.randint(1, a - 1)
-        return f"{name} had {a} {thing} and gave {b} to {other}. How many {thing} does {name} have left?", a - b
+        return (
+            f"{name} had {a} {thing} and gave {b} to {other}. How many {thing} does {name} have left?",
+            a - b,
+        )
     if level == 3:  # two-digit addition
         a, b = rng.randint(10, 60), rng.randint(10, 39)
-        return f"{name} has {a} {thing}. {other} has {b} {thing}. How many {thing} do they have together?", a + b
+        return (
+            f"{name} has {a} {thing}. {other} has {b} {thing}. How many {thing} do they have together?",
+            a + b,
+        )
     if level == 4:  # one-digit multiplication
         a, b = rng.randint(2, 9), rng.randint(2, 9)
-        return f"{name} has {a} bags with {b} {thing} in each bag. How many {thing} does {name} have?", a * b
+        return (
+            f"{name} has {a} bags with {b} {thing} in each bag. How many {thing} does {name} have?",
+            a * b,
+        )
     # level 5: two operations
     a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
     return (
@@ -67,5 +79,9 @@ def load_arithmetic(
     if split != "train":
         raise ValueError(f"task 'arithmetic' has splits train and test, not {split!r}")
     held_out = {row["prompt"] for row in generate(200, seed=10_000_019, levels=levels)}
-    rows = [r for r in generate((size or 5000) + 200, seed=seed, levels=levels) if r["prompt"] not in held_out]
+    rows = [
+        r
+        for r in generate((size or 5000) + 200, seed=seed, levels=levels)
+        if r["prompt"] not in held_out
+    ]
     return rows[: size or 5000]
