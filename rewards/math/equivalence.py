@@ -31,7 +31,12 @@ _LATEX_ONLY = [
     LatexExtractionConfig(
         boxed_match_priority=0,
         normalization_config=NormalizationConfig(
-            basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
+            basic_latex=True,
+            units=True,
+            malformed_operators=True,
+            nits=True,
+            boxed="all",
+            equations=False,
         ),
     )
 ]
@@ -78,7 +83,11 @@ def _numbers_disagree(gold: Any, pred: Any) -> bool:
         return False  # percent readings: left to Math-Verify's own rule
     try:
         g, p = sympy.N(gold.doit(), 50), sympy.N(pred.doit(), 50)
-        if not (g.is_number and p.is_number) or g.has(sympy.zoo, sympy.nan) or p.has(sympy.zoo, sympy.nan):
+        if (
+            not (g.is_number and p.is_number)
+            or g.has(sympy.zoo, sympy.nan)
+            or p.has(sympy.zoo, sympy.nan)
+        ):
             return False
         scale = max(abs(g), abs(p))
         if scale == 0:

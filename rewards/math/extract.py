@@ -29,16 +29,16 @@ _ANSWER_IS = re.compile(
     re.IGNORECASE,
 )
 _GSM8K = re.compile(r"####\s*([^\n]+)")
-_LATEX_SPAN = re.compile(
-    r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL
-)
+_LATEX_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}``, nested braces handled; None if none is closed."""
     starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):  # an unclosed last box (truncated output) falls back to the one before
+    for start in reversed(
+        starts
+    ):  # an unclosed last box (truncated output) falls back to the one before
         depth = 1
         for j in range(start, len(text)):
             if text[j] == "{":
@@ -73,7 +73,7 @@ def _last_number(text: str) -> str | None:
 _FINDERS = {
     "boxed": last_boxed,
     "answer_is": _answer_is,
-    "gsm8k": lambda t: (m[-1] if (m := _GSM8K.findall(t)) else None),
+    "gsm8k": lambda t: m[-1] if (m := _GSM8K.findall(t)) else None,
     "last_latex": _last_latex,
     "last_number": _last_number,
 }

@@ -11,9 +11,7 @@ import re
 from fractions import Fraction
 
 # Spellings that carry no mathematical content.
-_NOISE = re.compile(
-    r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |~|\\displaystyle|\\textstyle|\s+"
-)
+_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |~|\\displaystyle|\\textstyle|\s+")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
 _UNIT_WORDS = re.compile(
     r"(?<=\d)\s*(?:\\text\{\s*)?(?:dollars?|cents?|cm|km|mm|m|kg|g|meters?|miles?|feet|ft|"
@@ -33,7 +31,12 @@ _CHOICE = re.compile(r"^\(?([A-E])\)?(?:[.):]|$)")
 def normalize(answer: str) -> str:
     """A canonical spelling: no spaces or sizing commands, ``\\dfrac`` -> ``\\frac``, no $ or degree marks."""
     s = _NOISE.sub("", answer)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\$", "").replace("$", "")
+    s = (
+        s.replace("\\dfrac", "\\frac")
+        .replace("\\tfrac", "\\frac")
+        .replace("\\$", "")
+        .replace("$", "")
+    )
     s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\circ", "").replace("°", "")
     return s.rstrip(".")
 

@@ -34,10 +34,14 @@ def gold_answer(gold: Any) -> str:
     return strip_math_delimiters(boxed if boxed is not None else text)
 
 
-def decide_fast(gold: str, pred: str, percent: str = "either", rel_tol: float = 1e-6) -> bool | None:
+def decide_fast(
+    gold: str, pred: str, percent: str = "either", rel_tol: float = 1e-6
+) -> bool | None:
     """A verdict without sympy, or None when the answers need the symbolic checker."""
     letter = choice_letter(gold)
-    if letter is not None and len(normalize(gold).strip("()")) <= 12:  # gold is a choice: "C", "(C)", "\text{C}"
+    if (
+        letter is not None and len(normalize(gold).strip("()")) <= 12
+    ):  # gold is a choice: "C", "(C)", "\text{C}"
         return choice_letter(pred) == letter
     if normalize(gold) == normalize(pred):
         return True
@@ -56,7 +60,11 @@ def check_many(
     allow_set_relation_comp: bool = False,
 ) -> list[Verdict]:
     """Verdicts for ``(gold answer, predicted answer)`` pairs, in order. Never raises."""
-    options = {"percent": percent, "whole_text": whole_text, "allow_set_relation_comp": allow_set_relation_comp}
+    options = {
+        "percent": percent,
+        "whole_text": whole_text,
+        "allow_set_relation_comp": allow_set_relation_comp,
+    }
     key_options = tuple(sorted(options.items())) + (("rel_tol", rel_tol),)
     verdicts: list[Verdict | None] = []
     todo: dict[tuple, list[int]] = {}
@@ -118,7 +126,9 @@ def math_reward(
     try:
         stated = [extract_answer(completion_text(c), tuple(order)) for c in completions]
         pending = [
-            i for i, (s, g) in enumerate(zip(stated, answer, strict=True)) if s is not None and g is not None
+            i
+            for i, (s, g) in enumerate(zip(stated, answer, strict=True))
+            if s is not None and g is not None
         ]
         verdicts = check_many(
             [(gold_answer(answer[i]), strip_math_delimiters(stated[i] or "")) for i in pending],

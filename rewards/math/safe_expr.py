@@ -41,7 +41,9 @@ def _tokens_allowed(text: str) -> bool:
             continue
         if token.type == tokenize.OP and token.string in _OPERATORS:
             continue
-        if token.type == tokenize.NAME and (token.string in _FUNCTIONS or _NAME.match(token.string)):
+        if token.type == tokenize.NAME and (
+            token.string in _FUNCTIONS or _NAME.match(token.string)
+        ):
             continue
         return False
     return True
@@ -62,13 +64,24 @@ def safe_parse_expr(text: str) -> Any | None:
 
     names = {name: getattr(sympy, name) for name in _FUNCTIONS if hasattr(sympy, name)}
     names["ln"] = sympy.log
-    transformations = (*standard_transformations, convert_xor, factorial_notation, implicit_multiplication)
+    transformations = (
+        *standard_transformations,
+        convert_xor,
+        factorial_notation,
+        implicit_multiplication,
+    )
     # Builtins are emptied so that even a whitelist bug cannot reach open() or __import__.
     global_dict: dict[str, Any] = {"__builtins__": {}, **names}
     # The constructors parse_expr's own transformations emit (never names the model wrote).
     for name in ("Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow", "factorial"):
         global_dict[name] = getattr(sympy, name)
     try:
-        return parse_expr(text, local_dict={}, global_dict=global_dict, transformations=transformations, evaluate=False)
+        return parse_expr(
+            text,
+            local_dict={},
+            global_dict=global_dict,
+            transformations=transformations,
+            evaluate=False,
+        )
     except Exception:
         return None
