@@ -1,3 +1,3 @@
 """Imports every built-in reward module so that its @register_reward runs."""
 
-from rewards import format_reward, math  # noqa: F401
+from rewards import format_reward, math, reasoning_gym_reward, shaping  # noqa: F401

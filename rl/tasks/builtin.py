@@ -1,3 +1,3 @@
 """Imports every built-in task module so that its @register_task runs."""
 
-from rl.tasks import arithmetic  # noqa: F401
+from rl.tasks import arithmetic, math_benchmarks, reasoning_gym_tasks  # noqa: F401
