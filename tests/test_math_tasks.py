@@ -76,3 +76,12 @@ def test_reasoning_gym_tasks_seeded_and_scored(name: str) -> None:
 def test_reasoning_gym_reward_skips_other_rows() -> None:
     assert get_reward("reasoning_gym")(["p"], ["<answer>1</answer>"], metadata=[None]) == [None]
     assert get_reward("reasoning_gym")(["p"], ["<answer>1</answer>"]) == [None]
+
+
+def test_benchmark_help() -> None:
+    from rl.benchmarks.math_checker import main, perturb
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert perturb("5") == "6" and perturb("\\frac{1}{2}") == "(\\frac{1}{2})+1"
