@@ -101,7 +101,7 @@ def answers_equal(gold: Any, pred: str, **options: Any) -> bool:
     return check_many([(gold_answer(gold), strip_math_delimiters(pred))], **options)[0].equal
 
 
-@register_reward("math")
+@register_reward("math", columns=("answer",))
 def math_reward(
     prompts: list,
     completions: list,
