@@ -1,0 +1,74 @@
+"""Config: YAML plus dotted overrides, validation that names the key, a lossless round trip."""
+
+import pytest
+
+from rl.config import Config, ConfigError, load_config, save_config
+
+from conftest import ROOT
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 7\nrollout:\n  group_size: 4\n")
+    config = load_config(path, ["train.steps=9", "model.lora.enabled=true", "rewards.1.weight=0.5"])
+    assert config.train.steps == 9  # the override wins over the file
+    assert config.rollout.group_size == 4  # the file wins over the default
+    assert config.rollout.max_tokens == Config().rollout.max_tokens  # untouched default
+    assert config.model.lora.enabled is True
+    assert config.rewards[1].weight == 0.5
+
+
+def test_override_replaces_reward_list(tmp_path):
+    config = load_config(None, ["rewards=[{name: format, weight: 2}]"])
+    assert [(r.name, r.weight) for r in config.rewards] == [("format", 2.0)]
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["train.learning_rate=1"]).train.learning_rate == 1.0
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "message"),
+    [
+        ("trian:\n  steps: 3\n", [], "unknown key 'trian'"),
+        ("train:\n  stepz: 3\n", [], "unknown key 'train.stepz'"),
+        ("", ["train.stepz=3"], "unknown key 'train.stepz'"),
+        ("", ["model.lora.rank=8"], "unknown key 'model.lora.rank'"),
+        ("rewards:\n  - name: math\n    wieght: 1\n", [], "unknown key 'rewards.0.wieght'"),
+        ("", ["train.steps=many"], "train.steps: expected an integer"),
+        ("", ["rollout.engine=sglang"], "rollout.engine: 'sglang' is not allowed"),
+        ("", ["model.lora.enabled=maybe"], "model.lora.enabled: expected true or false"),
+        ("", ["rollout.group_size=1"], "rollout.group_size"),
+        ("", ["algorithm.advantage=ppo"], "algorithm.advantage: unknown 'ppo'; known:"),
+        ("", ["rewards.0.name=no_such_reward"], "rewards.0.name: unknown reward 'no_such_reward'"),
+        ("", ["rewards.5.weight=1"], "rewards.5.weight"),
+        ("- a\n- b\n", [], "expected a mapping"),
+        ("", ["steps"], "is not key.path=value"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, yaml_text, overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, yaml_text), overrides)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)  # one line
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/file.yaml")
+
+
+def test_saved_config_loads_back_to_the_same_object(tmp_path):
+    config = load_config(None, ["train.steps=3", "model.lora.enabled=true", "data.task_options={levels: [1, 2]}"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
