@@ -149,7 +149,11 @@ def _run_process(
     except subprocess.TimeoutExpired:
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        try:  # the namespace's teardown closes every pipe; never wait on it for long
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = b"", b"sandbox did not exit after SIGKILL"
         return out, err, True
 
 
