@@ -20,6 +20,9 @@ class TokenBatch:
     advantages: torch.Tensor  # [B]
     sampler_logps: torch.Tensor | None  # [B, T] the rollout engine's, 0 where masked
     prompt_width: int
+    # Filled by the trainer before the first update, once per generation batch, when needed:
+    old_logps: torch.Tensor | None = None  # [B, T] behaviour policy (None: on-policy, use current)
+    ref_logps: torch.Tensor | None = None  # [B, T] reference policy (None: beta == 0)
 
     @property
     def completion_width(self) -> int:
@@ -42,11 +45,15 @@ class TokenBatch:
             attention_mask=attention[:, cut_left:end],
             completion_mask=completion_mask[:, :keep_right],
             advantages=self.advantages[rows],
-            sampler_logps=None
-            if self.sampler_logps is None
-            else self.sampler_logps[rows, :keep_right],
+            sampler_logps=_rows(self.sampler_logps, rows, keep_right),
             prompt_width=self.prompt_width - cut_left,
+            old_logps=_rows(self.old_logps, rows, keep_right),
+            ref_logps=_rows(self.ref_logps, rows, keep_right),
         )
+
+
+def _rows(values: torch.Tensor | None, rows: torch.Tensor, width: int) -> torch.Tensor | None:
+    return None if values is None else values[rows, :width]
 
 
 def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> TokenBatch:
@@ -107,3 +114,18 @@ def completion_logps(
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return logps, entropy
+
+
+@torch.no_grad()
+def logps_in_chunks(model, batch: TokenBatch, chunk_size: int, temperature: float) -> torch.Tensor:
+    """``completion_logps`` of the whole batch without grad, ``chunk_size`` sequences at a time
+    (each chunk trimmed to its own width); for old and reference log-probs.
+
+    returns logps [B, T] (on the CPU, 0 beyond each chunk's width)
+    """
+    out = torch.zeros(len(batch), batch.completion_width)
+    for start in range(0, len(batch), chunk_size):
+        rows = list(range(start, min(start + chunk_size, len(batch))))
+        logps = completion_logps(model, batch.select(rows), temperature)[0]
+        out[start : start + len(rows), : logps.shape[1]] = logps.float().cpu()
+    return out

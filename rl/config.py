@@ -84,6 +84,20 @@ class RolloutConfig:
     max_tokens: int = 128
     stop: list[str] = field(default_factory=list)
     batch_size: int = 64  # sequences per generate() call in the transformers engine
+    # vLLM (engine: vllm). Colocated: an in-process vLLM on the trainer's machine, unless
+    # server_url is set: then rollouts come from a running vLLM server (see server_mode).
+    max_model_len: int | None = None  # None: data.max_prompt_tokens + max_tokens
+    kv_cache_gb: float | None = None  # CPU: KV-cache GiB; None: a tenth of free RAM, 1 to 8
+    gpu_memory_utilization: float = 0.3  # GPU: share of GPU memory vLLM takes (trainer shares it)
+    enforce_eager: bool = True  # GPU: false captures CUDA graphs (faster decode, slower start)
+    sleep_level: Literal[0, 1, 2] = 0  # GPU: free vLLM memory during the update; 1 offload, 2 drop
+    server_url: str | None = None  # e.g. http://10.0.0.2:8000: generate on that server
+    # How the server gets new weights: "nccl" TRL's VLLMClient broadcast (vllm serve with
+    # --weight-transfer-config, GPUs only); "reload" write safetensors to server_sync_dir and have
+    # the server reload them (needs VLLM_SERVER_DEV_MODE=1 and a shared disk; works on CPU);
+    # "frozen" never: evaluation only, training refuses to run.
+    server_mode: Literal["nccl", "reload", "frozen"] = "nccl"
+    server_sync_dir: str | None = None  # "reload": a folder trainer and server both see
 
 
 @dataclass
@@ -95,14 +109,30 @@ class RewardSpec:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = "grpo"  # rl.algorithms registry: grpo, dr_grpo, rloo
+    # The GRPO family (rl/algorithms); each name is a registry key. configs/{grpo,dr_grpo,dapo,
+    # gspo,cispo}.yaml set these as each paper does.
+    advantage: str = "grpo"  # grpo, dr_grpo, rloo
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    policy_loss: str = "clip"  # rl.algorithms registry
-    loss_aggregation: str = "seq_mean_token_mean"  # rl.algorithms registry
+    policy_loss: str = "clip"  # clip (PPO/GRPO/DAPO), gspo, cispo
+    loss_aggregation: str = (
+        "seq_mean_token_mean"  # seq_mean_token_mean, token_mean, token_sum_norm, bnpo
+    )
     epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
+    epsilon_high: float = 0.2  # DAPO's clip-higher: 0.28; CISPO: the weight's cap is 1 + this
+    clip_ratio_c: float | None = None  # dual clip (Ye et al. 2020): cap at c*|A| for A < 0; > 1
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    epochs: int = 1  # mu: passes over each generation batch
+    # Behaviour log-probs for the ratio: "trainer" (recomputed before the first update, or the
+    # current ones detached when exactly on-policy) or "sampler" (the rollout engine's).
+    old_logps: Literal["trainer", "sampler"] = "trainer"
+    # Importance-sampling correction pi_old / pi_sampler: none, token_truncate, token_mask,
+    # sequence_truncate, sequence_mask (as TRL's vllm_importance_sampling_mode).
+    sampler_correction: str = "none"
+    sampler_clip_min: float | None = None  # lower bound of the IS ratio (None: none)
+    sampler_clip_max: float | None = 3.0  # upper bound (TRL's default 3.0)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
+    max_sampling_rounds: int = 3  # dynamic sampling: extra generation rounds at most per step
     mask_truncated: bool = False  # leave completions cut at max_tokens out of the loss
     reward_timeout_s: float = 60.0  # a reward call that takes longer scores 0 for the batch
 
@@ -111,9 +141,12 @@ class AlgorithmConfig:
 class TrainConfig:
     steps: int = 30
     prompts_per_step: int = 4  # generation batch = prompts_per_step * group_size completions
+    # Sequences per optimizer step; 0 = the whole generation batch (one step per generation).
+    # Smaller values split each generation batch into mini-batches (several optimizer steps).
+    mini_batch_size: int = 0
     micro_batch_size: int = 8  # sequences per forward/backward
     learning_rate: float = 1e-5
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # stepped once per step
     warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -375,14 +408,18 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.adam_betas: expected two numbers, got {config.train.adam_betas}")
     if not config.rewards:
         raise ConfigError("rewards: at least one reward is needed")
+    _validate_algorithm(config)
     from rl import algorithms  # registries; cheap, but imports torch
 
     for key, registry in (
         ("algorithm.advantage", algorithms.ADVANTAGES),
         ("algorithm.policy_loss", algorithms.POLICY_LOSSES),
         ("algorithm.loss_aggregation", algorithms.LOSS_AGGREGATIONS),
+        ("algorithm.sampler_correction", algorithms.SAMPLER_CORRECTIONS),
     ):
         name = getattr(config.algorithm, key.split(".")[1])
+        if key == "algorithm.sampler_correction" and name == "none":
+            continue
         if name not in registry:
             raise ConfigError(f"{key}: unknown {name!r}; known: {', '.join(sorted(registry))}")
     from rewards import UnknownRewardError, get_reward
@@ -392,6 +429,39 @@ def validate(config: Config) -> None:
             get_reward(spec.name)
         except UnknownRewardError as error:
             raise ConfigError(f"rewards.{i}.name: {error}") from None
+
+
+def _validate_algorithm(config: Config) -> None:
+    """The algorithm and batch-shape keys (rl/algorithms, rl/trainer.policy_update)."""
+    algorithm, train = config.algorithm, config.train
+    generation_batch = train.prompts_per_step * config.rollout.group_size
+    if algorithm.epochs < 1:
+        raise ConfigError(f"algorithm.epochs: must be at least 1, got {algorithm.epochs}")
+    if algorithm.epsilon_low < 0 or algorithm.epsilon_high < 0:
+        raise ConfigError("algorithm.epsilon_low/epsilon_high: must be >= 0")
+    if algorithm.clip_ratio_c is not None and algorithm.clip_ratio_c <= 1:
+        raise ConfigError(
+            f"algorithm.clip_ratio_c: dual clip needs a bound > 1 (typically 3), got {algorithm.clip_ratio_c}"
+        )
+    if algorithm.beta < 0:
+        raise ConfigError(f"algorithm.beta: must be >= 0, got {algorithm.beta}")
+    if algorithm.max_sampling_rounds < 0:
+        raise ConfigError("algorithm.max_sampling_rounds: must be >= 0")
+    if algorithm.old_logps == "sampler" and algorithm.sampler_correction != "none":
+        raise ConfigError(
+            "algorithm.sampler_correction: with old_logps=sampler the ratio is already taken against "
+            "the sampler; set sampler_correction=none"
+        )
+    low, high = algorithm.sampler_clip_min, algorithm.sampler_clip_max
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"algorithm.sampler_clip_min: {low} is above sampler_clip_max {high}")
+    if train.mini_batch_size < 0 or (
+        train.mini_batch_size and generation_batch % train.mini_batch_size
+    ):
+        raise ConfigError(
+            f"train.mini_batch_size: must be 0 (the whole batch) or divide the generation batch "
+            f"prompts_per_step * group_size = {generation_batch}, got {train.mini_batch_size}"
+        )
 
 
 def config_to_yaml(config: Config) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from rl import algorithms
-from rl.batch import TokenBatch, collate, completion_logps
+from rl.batch import TokenBatch, collate, completion_logps, logps_in_chunks
 from rl.config import Config
 from rl.scoring import WeightedReward, score
 from rollouts.base import RolloutEngine, SamplingSettings
@@ -35,24 +36,27 @@ class Trainer:
     samples: list[dict[str, Any]] = field(default_factory=list)  # last step's rollouts, for the log
 
 
-def train_step(trainer: Trainer, prompts: list[Prompt]) -> dict[str, float]:
-    """One GRPO-family step on a batch of prompts; returns the step's metrics."""
+def train_step(
+    trainer: Trainer,
+    prompts: list[Prompt],
+    more_prompts: Callable[[], list[Prompt]] | None = None,
+) -> dict[str, float]:
+    """One GRPO-family step on a batch of prompts; returns the step's metrics.
+
+    ``more_prompts`` gives fresh prompts for DAPO's dynamic sampling; without it, extra rounds
+    resample the same prompts.
+    """
     config, timings = trainer.config, {}
-    clock = time.perf_counter()
 
-    rollouts = trainer.engine.generate(prompts, config.rollout.group_size, trainer.sampling)
-    timings["timing_s/gen"], clock = time.perf_counter() - clock, time.perf_counter()
-
-    reward_metrics, _ = score(rollouts, trainer.rewards, config.algorithm.reward_timeout_s)
-    timings["timing_s/reward"], clock = time.perf_counter() - clock, time.perf_counter()
-
+    rollouts, reward_metrics, sampling_metrics = collect_rollouts(
+        trainer, prompts, more_prompts, timings
+    )
     advantage_metrics = assign_advantages(rollouts, config.rollout.group_size, config.algorithm)
 
-    update_metrics = policy_update(
-        trainer, collate(rollouts, trainer.tokenizer.pad_token_id, config.algorithm.mask_truncated)
-    )
-    timings["timing_s/update"], clock = time.perf_counter() - clock, time.perf_counter()
+    batch = collate(rollouts, trainer.tokenizer.pad_token_id, config.algorithm.mask_truncated)
+    update_metrics = policy_update(trainer, batch, timings)
 
+    clock = time.perf_counter()
     trainer.step += 1
     trainer.engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
     timings["timing_s/sync"] = time.perf_counter() - clock
@@ -60,11 +64,70 @@ def train_step(trainer: Trainer, prompts: list[Prompt]) -> dict[str, float]:
     trainer.samples = [rollout_summary(r) for r in rollouts]
     return {
         **reward_metrics,
+        **sampling_metrics,
         **advantage_metrics,
         **rollout_metrics(rollouts),
         **update_metrics,
         **timings,
     }
+
+
+def generate_and_score(
+    trainer: Trainer, prompts: list[Prompt], timings: dict[str, float]
+) -> tuple[list[Rollout], dict[str, float]]:
+    """G completions per prompt, scored; adds to the gen and reward timings."""
+    config = trainer.config
+    clock = time.perf_counter()
+    rollouts = trainer.engine.generate(prompts, config.rollout.group_size, trainer.sampling)
+    middle = time.perf_counter()
+    metrics, _ = score(rollouts, trainer.rewards, config.algorithm.reward_timeout_s)
+    for reward in trainer.rewards:  # the spread of each part, next to its mean
+        values = [r.rewards[reward.name] for r in rollouts]
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if len(values) > 1:
+            metrics[f"reward/{reward.name}/std"] = torch.tensor(values).std().item()
+    timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + middle - clock
+    timings["timing_s/reward"] = timings.get("timing_s/reward", 0.0) + time.perf_counter() - middle
+    return rollouts, metrics
+
+
+def collect_rollouts(
+    trainer: Trainer,
+    prompts: list[Prompt],
+    more_prompts: Callable[[], list[Prompt]] | None,
+    timings: dict[str, float],
+) -> tuple[list[Rollout], dict[str, float], dict[str, float]]:
+    """Generate and score; with dynamic sampling (DAPO, Yu et al. 2025 §3.2) drop the groups whose
+    rewards are all equal and generate more until ``len(prompts)`` groups are kept or
+    ``max_sampling_rounds`` extra rounds are spent. Reward metrics are the first round's (the
+    policy on fresh prompts, before the filter biases them)."""
+    algorithm, group_size = trainer.config.algorithm, trainer.config.rollout.group_size
+    rollouts, reward_metrics = generate_and_score(trainer, prompts, timings)
+    if not algorithm.dynamic_sampling:
+        return rollouts, reward_metrics, {}
+    wanted, kept, generated, rounds = len(prompts), [], 0, 0
+    while True:
+        rounds += 1
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+        keep = algorithms.informative_groups(rewards.view(-1, group_size))
+        generated += len(keep)
+        for group in keep.nonzero().flatten().tolist():
+            kept.extend(rollouts[group * group_size : (group + 1) * group_size])
+        if len(kept) >= wanted * group_size or rounds > algorithm.max_sampling_rounds:
+            break
+        fresh = more_prompts() if more_prompts is not None else prompts
+        # new group ids, so every group of the step has its own
+        fresh = [replace(p, index=p.index + rounds * wanted) for p in fresh]
+        rollouts, _ = generate_and_score(trainer, fresh, timings)
+    kept_groups = len(kept) // group_size
+    metrics = {
+        "sampling/frac_groups_dropped": 1 - kept_groups / generated,
+        "sampling/rounds": float(rounds),
+        "sampling/groups_kept": float(min(kept_groups, wanted)),
+    }
+    # Not full after the cap: train on what was kept; nothing kept: the last round (zero
+    # advantages, so only the KL term, if any, moves the policy).
+    return (kept[: wanted * group_size] or rollouts), reward_metrics, metrics
 
 
 def assign_advantages(rollouts: list[Rollout], group_size: int, algorithm) -> dict[str, float]:
@@ -73,7 +136,7 @@ def assign_advantages(rollouts: list[Rollout], group_size: int, algorithm) -> di
     advantages = algorithms.ADVANTAGES[algorithm.advantage](rewards, scale=algorithm.scale_rewards)
     for rollout, advantage in zip(rollouts, advantages.flatten().tolist(), strict=True):
         rollout.advantage = advantage
-    zero_std = (rewards.std(dim=1) < 1e-6).float().mean().item()
+    zero_std = (~algorithms.informative_groups(rewards)).float().mean().item()
     return {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
@@ -90,49 +153,107 @@ def rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     }
 
 
-def policy_update(trainer: Trainer, batch: TokenBatch) -> dict[str, float]:
-    """One optimizer step over the batch in micro-batches (gradient accumulation).
+def policy_update(
+    trainer: Trainer, batch: TokenBatch, timings: dict[str, float] | None = None
+) -> dict[str, float]:
+    """``epochs`` passes over the generation batch, each in mini-batches of
+    ``train.mini_batch_size`` sequences, one optimizer step per mini-batch (gradient accumulation
+    over micro-batches inside it); the LR scheduler steps once.
 
-    On-policy with one epoch, the old log-probs equal the current ones (detached), so the ratio
-    is 1 and the clipped loss reduces to the policy gradient; the sampler's log-probs are used
-    to measure the engine/trainer gap.
+    Old log-probs: exactly on-policy (one epoch, one mini-batch) they equal the current ones, so
+    they are not computed (the current ones, detached, are used: ratio 1, the clipped loss is the
+    policy gradient). Otherwise they are computed once, before the first update, or taken from
+    the sampler when ``algorithm.old_logps == "sampler"``. Reference log-probs likewise once.
     """
+    config, algorithm = trainer.config, trainer.config.algorithm
+    timings = {} if timings is None else timings
+    mini_size = config.train.mini_batch_size or len(batch)
+    on_policy = algorithm.epochs == 1 and mini_size >= len(batch)
+    temperature, chunk = config.rollout.temperature, config.train.micro_batch_size
+
+    clock = time.perf_counter()
+    if algorithm.old_logps == "sampler":
+        if batch.sampler_logps is None:
+            raise RuntimeError(
+                "algorithm.old_logps=sampler, but the rollout engine gave no log-probs"
+            )
+        batch = replace(batch, old_logps=batch.sampler_logps)
+    elif not on_policy:
+        trainer.model.eval()  # behaviour policy = the sampling one: no dropout
+        batch = replace(batch, old_logps=logps_in_chunks(trainer.model, batch, chunk, temperature))
+        timings["timing_s/old_logp"] = time.perf_counter() - clock
+    if algorithm.beta > 0:
+        clock = time.perf_counter()
+        batch = replace(batch, ref_logps=reference_logps(trainer, batch))
+        timings["timing_s/ref"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    metrics = Metrics()
+    for _ in range(algorithm.epochs):
+        order = torch.arange(len(batch)) if on_policy else torch.randperm(len(batch))
+        for start in range(0, len(batch), mini_size):
+            optimizer_step(trainer, batch.select(order[start : start + mini_size]), metrics)
+    trainer.scheduler.step()
+    timings["timing_s/update"] = time.perf_counter() - clock
+    return {
+        **metrics.result(),
+        "learning_rate": trainer.scheduler.get_last_lr()[0],
+        "tokens": float(batch.completion_mask.sum()),
+        "optimizer_steps": float(algorithm.epochs * math.ceil(len(batch) / mini_size)),
+    }
+
+
+def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> None:
+    """One optimizer step on a mini-batch, in micro-batches; the loss's pieces are the
+    registered functions the config names."""
     config, model = trainer.config, trainer.model
     algorithm = config.algorithm
     policy_loss = algorithms.POLICY_LOSSES[algorithm.policy_loss]
     aggregate = algorithms.LOSS_AGGREGATIONS[algorithm.loss_aggregation]
     kl_estimator = algorithms.KL_ESTIMATORS[algorithm.kl_estimator]
+    correction = algorithms.SAMPLER_CORRECTIONS.get(algorithm.sampler_correction)
     num_tokens = int(batch.completion_mask.sum())
-    totals: dict[str, float] = {}
-
-    def add(name: str, value: float, weight: float) -> None:
-        totals[name] = totals.get(name, 0.0) + value * weight
+    device = next(model.parameters()).device
 
     model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    order = sorted(
-        range(len(batch)), key=lambda i: -int(batch.attention_mask[i].sum())
-    )  # similar lengths together
+    step_loss = 0.0
+    # similar lengths together, so micro-batches carry little padding
+    order = sorted(range(len(batch)), key=lambda i: -int(batch.attention_mask[i].sum()))
     for start in range(0, len(batch), config.train.micro_batch_size):
         micro = batch.select(order[start : start + config.train.micro_batch_size])
-        mask = micro.completion_mask.to(next(model.parameters()).device)
-        logps, entropy = completion_logps(
-            model, micro, config.rollout.temperature, with_entropy=True
-        )
-        old_logps = logps.detach()
+        mask = micro.completion_mask.to(device)
+        logps, entropy = completion_logps(model, micro, config.rollout.temperature, True)
+        old_logps = logps.detach() if micro.old_logps is None else micro.old_logps.to(device)
         per_token_loss, stats = policy_loss(
             logps,
             old_logps,
-            micro.advantages.to(logps.device),
+            micro.advantages.to(device),
             mask,
             epsilon_low=algorithm.epsilon_low,
             epsilon_high=algorithm.epsilon_high,
+            clip_ratio_c=algorithm.clip_ratio_c,
         )
-        if algorithm.beta > 0:
-            ref_logps = reference_logps(trainer, micro)
-            kl = kl_estimator(logps, ref_logps)
+        weight = float(mask.sum()) / max(num_tokens, 1)  # this micro-batch's share of tokens
+        if micro.sampler_logps is not None:
+            sampler_logps = micro.sampler_logps.to(device)
+            # the engine/trainer gap, on the same weights: the sampler's against the old ones
+            gap = (old_logps - sampler_logps).abs()
+            metrics.add("sampling/logp_gap", float(algorithms.masked_mean(gap, mask)), weight)
+            if correction is not None:  # pi_old / pi_sampler, fixed for the whole update
+                is_weights, is_stats = correction(
+                    old_logps,
+                    sampler_logps,
+                    mask,
+                    algorithm.sampler_clip_min,
+                    algorithm.sampler_clip_max,
+                )
+                per_token_loss = per_token_loss * is_weights
+                stats = {**stats, **is_stats}
+        if algorithm.beta > 0:  # added after the IS weight, as TRL: the KL is not reweighted
+            kl = kl_estimator(logps, micro.ref_logps.to(device))
             per_token_loss = per_token_loss + algorithm.beta * kl
-            add("kl", float((kl.detach() * mask).sum()), 1 / max(num_tokens, 1))
+            metrics.add("kl", float(algorithms.masked_mean(kl.detach(), mask)), weight)
         loss = aggregate(
             per_token_loss,
             mask,
@@ -141,32 +262,58 @@ def policy_update(trainer: Trainer, batch: TokenBatch) -> dict[str, float]:
             max_completion_length=config.rollout.max_tokens,
         )
         loss.backward()
-        tokens_here = float(mask.sum())
-        add("loss", float(loss.detach()), 1.0)
-        add("entropy", float((entropy * mask).sum()), 1 / max(num_tokens, 1))
+        step_loss += float(loss.detach())
+        metrics.add("entropy", float(algorithms.masked_mean(entropy, mask)), weight)
         for name, value in stats.items():
-            add(name, float(value), tokens_here / max(num_tokens, 1))
-        if micro.sampler_logps is not None:
-            gap = (logps.detach() - micro.sampler_logps.to(logps.device)).abs() * mask
-            add("sampling/logp_gap", float(gap.sum()), 1 / max(num_tokens, 1))
+            metrics.add(name, float(value), weight)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], config.train.max_grad_norm
     )
     trainer.optimizer.step()
-    trainer.scheduler.step()
-    totals["grad_norm"] = float(grad_norm)
-    totals["learning_rate"] = trainer.scheduler.get_last_lr()[0]
-    totals["tokens"] = float(num_tokens)
-    return totals
+    metrics.add("loss", step_loss, 1.0)
+    metrics.add("grad_norm", float(grad_norm), 1.0)
+
+
+class Metrics:
+    """Averages over the optimizer steps of one update (weighted means within a step); names
+    ending in /min or /max keep the extreme."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps: dict[str, int] = {}
+        self.extremes: dict[str, float] = {}
+
+    def add(self, name: str, value: float, weight: float) -> None:
+        if name.endswith("/min") or name.endswith("/max"):
+            pick = min if name.endswith("/min") else max
+            self.extremes[name] = pick(self.extremes.get(name, value), value)
+            return
+        if name in ("loss", "grad_norm"):  # once per optimizer step: closes the step's sums
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.steps[name] = self.steps.get(name, 0) + 1
+            return
+        self.sums[name] = self.sums.get(name, 0.0) + value * weight
+
+    def result(self) -> dict[str, float]:
+        steps = max(self.steps.get("loss", 1), 1)
+        out = {name: total / steps for name, total in self.sums.items()}
+        return {**out, **self.extremes}
 
 
 @torch.no_grad()
-def reference_logps(trainer: Trainer, micro: TokenBatch) -> torch.Tensor:
-    """Log-probs under the reference policy: the frozen copy, or the LoRA base with adapters off."""
+def reference_logps(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
+    """Log-probs [B, T] under the reference policy: the frozen copy, or, with LoRA, the same
+    model with its adapters disabled (the base weights the adapters started from)."""
+    config = trainer.config
+    chunk, temperature = config.train.micro_batch_size, config.rollout.temperature
     if trainer.ref_model is not None:
-        return completion_logps(trainer.ref_model, micro, trainer.config.rollout.temperature)[0]
+        return logps_in_chunks(trainer.ref_model, batch, chunk, temperature)
+    was_training = trainer.model.training
+    trainer.model.eval()
     with trainer.model.disable_adapter():
-        return completion_logps(trainer.model, micro, trainer.config.rollout.temperature)[0]
+        logps = logps_in_chunks(trainer.model, batch, chunk, temperature)
+    trainer.model.train(was_training)
+    return logps
 
 
 def rollout_summary(rollout: Rollout) -> dict[str, Any]:
