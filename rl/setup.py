@@ -76,9 +76,29 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path):
         from rollouts.hf_engine import TransformersEngine
 
         return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
-    raise ConfigError(
-        f"rollout.engine: {config.rollout.engine!r} is not available yet; use 'transformers'"
-    )
+    if config.rollout.engine == "vllm":  # vLLM is imported here only, never at module level
+        r, lora = config.rollout, config.model.lora
+        if r.server_url:
+            from rollouts.server import ServerEngine
+
+            return ServerEngine(r.server_url, tokenizer, r.server_mode, r.server_sync_dir)
+        from rollouts.vllm_engine import VLLMEngine, VLLMSettings, VLLMUnavailableError
+
+        settings = VLLMSettings(
+            dtype=config.model.dtype,
+            seed=config.train.seed,
+            max_model_len=r.max_model_len or config.data.max_prompt_tokens + r.max_tokens,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enforce_eager=r.enforce_eager,
+            sleep_level=r.sleep_level,
+            kv_cache_gb=r.kv_cache_gb,
+            lora_scaling=lora.alpha / lora.r if lora.enabled else None,
+        )
+        try:  # it loads model_folder, as the trainer did; a resume pushes the checkpoint's weights
+            return VLLMEngine(model_folder, tokenizer, settings)
+        except VLLMUnavailableError as error:
+            raise ConfigError(str(error)) from None
+    raise ConfigError(f"rollout.engine: {config.rollout.engine!r} is not available")
 
 
 def build_scheduler(config: Config, optimizer):

