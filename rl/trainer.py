@@ -208,9 +208,6 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
     registered functions the config names."""
     config, model = trainer.config, trainer.model
     algorithm = config.algorithm
-    policy_loss = algorithms.POLICY_LOSSES[algorithm.policy_loss]
-    aggregate = algorithms.LOSS_AGGREGATIONS[algorithm.loss_aggregation]
-    kl_estimator = algorithms.KL_ESTIMATORS[algorithm.kl_estimator]
     correction = algorithms.SAMPLER_CORRECTIONS.get(algorithm.sampler_correction)
     num_tokens = int(batch.completion_mask.sum())
     device = next(model.parameters()).device
@@ -225,46 +222,43 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
         mask = micro.completion_mask.to(device)
         logps, entropy = completion_logps(model, micro, config.rollout.temperature, True)
         old_logps = logps.detach() if micro.old_logps is None else micro.old_logps.to(device)
-        per_token_loss, stats = policy_loss(
-            logps,
-            old_logps,
-            micro.advantages.to(device),
-            mask,
-            epsilon_low=algorithm.epsilon_low,
-            epsilon_high=algorithm.epsilon_high,
-            clip_ratio_c=algorithm.clip_ratio_c,
-        )
         weight = float(mask.sum()) / max(num_tokens, 1)  # this micro-batch's share of tokens
+        sampler_weights, sampler_stats = None, {}
         if micro.sampler_logps is not None:
             sampler_logps = micro.sampler_logps.to(device)
             # the engine/trainer gap, on the same weights: the sampler's against the old ones
             gap = (old_logps - sampler_logps).abs()
             metrics.add("sampling/logp_gap", float(algorithms.masked_mean(gap, mask)), weight)
             if correction is not None:  # pi_old / pi_sampler, fixed for the whole update
-                is_weights, is_stats = correction(
+                sampler_weights, sampler_stats = correction(
                     old_logps,
                     sampler_logps,
                     mask,
                     algorithm.sampler_clip_min,
                     algorithm.sampler_clip_max,
                 )
-                per_token_loss = per_token_loss * is_weights
-                stats = {**stats, **is_stats}
-        if algorithm.beta > 0:  # added after the IS weight, as TRL: the KL is not reweighted
-            kl = kl_estimator(logps, micro.ref_logps.to(device))
-            per_token_loss = per_token_loss + algorithm.beta * kl
-            metrics.add("kl", float(algorithms.masked_mean(kl.detach(), mask)), weight)
-        loss = aggregate(
-            per_token_loss,
+        loss, stats = algorithms.objective(
+            logps,
+            old_logps,
+            micro.advantages.to(device),
             mask,
+            policy_loss=algorithm.policy_loss,
+            aggregation=algorithm.loss_aggregation,
             num_sequences=len(batch),
             num_tokens=num_tokens,
             max_completion_length=config.rollout.max_tokens,
+            epsilon_low=algorithm.epsilon_low,
+            epsilon_high=algorithm.epsilon_high,
+            clip_ratio_c=algorithm.clip_ratio_c,
+            sampler_weights=sampler_weights,
+            beta=algorithm.beta,
+            ref_logps=None if micro.ref_logps is None else micro.ref_logps.to(device),
+            kl_estimator=algorithm.kl_estimator,
         )
         loss.backward()
         step_loss += float(loss.detach())
         metrics.add("entropy", float(algorithms.masked_mean(entropy, mask)), weight)
-        for name, value in stats.items():
+        for name, value in {**stats, **sampler_stats}.items():
             metrics.add(name, float(value), weight)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], config.train.max_grad_norm

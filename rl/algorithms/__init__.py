@@ -8,6 +8,7 @@ other processes.
     losses.py       per-token policy losses (clip with dual clip, gspo, cispo) and KL k1/k2/k3
     aggregation.py  per-token loss [B, T] -> this micro-batch's share of the batch loss
     sampling.py     the sampler/trainer importance-sampling correction and DAPO's group filter
+    objective.py    the per-micro-batch loss composed from the above
 
 Variants are added with the ``register_*`` decorators; a config names the key, and an unknown
 key fails at start-up listing the known ones (rl.config.validate).
@@ -33,6 +34,7 @@ from rl.algorithms.losses import (  # noqa: E402
     kl_k2,
     kl_k3,
 )
+from rl.algorithms.objective import objective
 from rl.algorithms.registry import (
     ADVANTAGES,
     KL_ESTIMATORS,
@@ -72,6 +74,7 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "masked_mean",
+    "objective",
     "register_advantage",
     "register_kl_estimator",
     "register_loss_aggregation",
