@@ -115,7 +115,7 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
     extra = {"eval_before": eval_before}
     while trainer.step < config.train.steps:
         clock = time.perf_counter()
-        metrics = train_step(trainer, next(stream))
+        metrics = train_step(trainer, next(stream), more_prompts=lambda: next(stream))
         metrics["timing_s/step"] = time.perf_counter() - clock
         metrics["perf/throughput"] = metrics["tokens"] / metrics["timing_s/step"]
         _append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **metrics})
