@@ -2,7 +2,8 @@
 
 Standard library only, and self-contained: the parent passes this file's source with
 ``python -I -S -c SOURCE`` (bubblewrap, local) or as the program (SandboxFusion), and the run's
-payload as one JSON object on stdin. Nothing of the project is on the sandbox's disk.
+payload on stdin (``M`` + marshal from our own parent, ``J`` + JSON from a remote client).
+Nothing of the project is on the sandbox's disk.
 
 Who decides what. The parent holds the expected outputs and decides every verdict; the driver
 only reports what happened, on its stdout, each line tagged with a per-run random nonce the
@@ -11,7 +12,7 @@ candidate never sees. The candidate's code never runs in the driver's interprete
 * ``stdio``: one fresh candidate process per case, stdin from a file, stdout read back and sent
   to the parent verbatim; the parent compares.
 * ``function``: one candidate process serves calls; each result is turned into tagged JSON
-  there and decoded in the driver into plain ``list``/``dict``/``int``/... values, so no object
+  there and parsed in the driver into plain ``list``/``dict``/``int``/... values, so no object
   the candidate made ever reaches the parent, and ``==`` is never called on one.
 * ``assert``: the row's ``check`` function runs in its own process, with a proxy in place of
   the candidate that forwards every call to the candidate process the same way. Only after
@@ -21,26 +22,84 @@ candidate never sees. The candidate's code never runs in the driver's interprete
 
 When the driver starts as root (the bubblewrap backend, inside its own pid namespace) the
 check process drops to uid A and the candidate to uid B, so the candidate can neither signal
-nor trace the checker, and rlimits such as RLIMIT_NPROC apply per sandbox slot. Everywhere
-the driver and checker also make themselves non-dumpable, which keeps a same-uid candidate
-(local or remote backends) out of their memory and file descriptors.
+nor trace the checker, and rlimits such as RLIMIT_NPROC apply per sandbox slot. Otherwise the
+driver and checker make themselves non-dumpable, which keeps a same-uid candidate (local or
+remote backends) out of their memory and file descriptors.
+
+Start-up time is most of a run's cost, so the hot path imports only C modules: requests to
+the candidate are marshal (trusted direction), replies are JSON read with ``_json``'s C scanner
+(untrusted direction: marshal is not safe on hostile input), and processes are forked by hand.
 """
 
-from __future__ import annotations
-
-import contextlib
-import json
+import _json
+import marshal
 import math
 import os
 import resource
 import select
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 
-MAX_LINE = 16 * 1024 * 1024  # a longer RPC reply is treated as a failure
+MAX_REPLY = 16 * 1024 * 1024  # a longer reply from the candidate is a failure
+
+
+# -- JSON without the json package (it imports re, which costs more than the interpreter) ----
+
+
+class _Strict:
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo = None
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError("JSON constant " + name + " refused")
+
+
+_scan = _json.make_scanner(_Strict())
+
+
+def loads(text):
+    """Strict JSON (no NaN/Infinity, nothing after the value) into plain values."""
+    text = text.strip()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("truncated JSON") from None
+    if end != len(text):
+        raise ValueError("trailing data after JSON value")
+    return value
+
+
+def dumps(obj):
+    """JSON for plain values (str keys, finite floats); anything else is a TypeError."""
+    t = type(obj)
+    if obj is None:
+        return "null"
+    if t is bool:
+        return "true" if obj else "false"
+    if t is int:
+        return int.__repr__(obj)
+    if t is float:
+        if not math.isfinite(obj):
+            raise ValueError("non-finite float")
+        return float.__repr__(obj)
+    if t is str:
+        return _json.encode_basestring_ascii(obj)
+    if t is list:
+        return "[" + ",".join([dumps(x) for x in obj]) + "]"
+    if t is dict:
+        parts = []
+        for key, value in obj.items():
+            if type(key) is not str:
+                raise TypeError("JSON object keys must be str")
+            parts.append(_json.encode_basestring_ascii(key) + ":" + dumps(value))
+        return "{" + ",".join(parts) + "}"
+    raise TypeError("cannot write " + t.__name__ + " as JSON")
 
 
 # -- tagged JSON: exact builtin types only, so decoding yields plain values -----------------
@@ -117,6 +176,8 @@ def plain_json(obj):
 
 # -- process hygiene --------------------------------------------------------------------------
 
+LIMIT_NAMES = ("cpu_s", "address_space_mb", "file_size_mb", "open_files", "processes")
+
 
 def set_limits(limits):
     """Hard rlimits (soft = hard), so code cannot raise them again."""
@@ -130,12 +191,15 @@ def set_limits(limits):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for key, which in table.items():
         value = limits.get(key)
-        if value is None:
+        if value is None or int(value) < 0:
             continue
         value = int(value) * (1 << 20 if key.endswith("_mb") else 1)
-        # Lowering never fails; raising a limit we do not hold is skipped.
-        with contextlib.suppress(ValueError, OSError):
+        # Lowering never fails; raising a limit we do not hold is skipped. (No contextlib:
+        # every import costs start-up time in each sandboxed process.)
+        try:  # noqa: SIM105
             resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            pass
 
 
 def make_undumpable():
@@ -149,56 +213,142 @@ def make_undumpable():
 
 
 def drop_to(uid):
+    """Become ``uid`` for good; the kernel also makes us non-dumpable on the way."""
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
 
 
+def spawn(argv, stdin_fd, stdout_fd, uid):
+    """Fork and exec ``argv`` in a new session, as ``uid`` if given; its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(stdin_fd, 0)
+        os.dup2(stdout_fd, 1)
+        os.dup2(devnull, 2)
+        os.closerange(3, 65536)
+        if uid is not None:
+            drop_to(uid)
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+
+
+def kill_session(pid):
+    for kill in (os.killpg, os.kill):
+        try:  # noqa: SIM105
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:  # noqa: SIM105
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def read_until(fd, deadline, cap):
+    """Read a pipe to EOF, ``cap`` bytes or ``deadline``; (data, timed_out)."""
+    chunks, size = [], 0
+    while size < cap:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return b"".join(chunks), True
+        chunk = os.read(fd, min(65536, cap - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), False
+
+
 # -- the candidate runner (its own process; the candidate's code runs here) -----------------
 
 
-def _load(ns, config):
-    for path in (config.get("prelude_path"), config["code_path"]):
+def _load(ns, code_path, prelude_path):
+    for path in (prelude_path, code_path):
         if path:
             with open(path) as f:
                 source = f.read()
             exec(compile(source, os.path.basename(path), "exec"), ns)
 
 
-def candidate_main(config):
-    set_limits(config["limits"])
-    if config["mode"] == "stdio":
+def candidate_main(mode, entry_point, code_path, prelude_path, *limit_values):
+    set_limits({LIMIT_NAMES[i]: value for i, value in enumerate(limit_values)})
+    if mode == "stdio":
         sys.argv = ["solution.py"]
-        _load({"__name__": "__main__", "__builtins__": __builtins__}, config)
+        _load({"__name__": "__main__", "__builtins__": __builtins__}, code_path, prelude_path)
         return
     # serve: private copies of the RPC pipes; fds 0 and 1 go to /dev/null and stderr so a
     # print() in the candidate's code cannot desynchronise the protocol by accident.
-    rpc_in = os.fdopen(os.dup(0), "rb")
-    rpc_out = os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
+    rpc_in, rpc_out = os.dup(0), os.dup(1)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
     ns = {"__name__": "solution", "__builtins__": __builtins__}
     try:
-        _load(ns, config)
-        fn = ns.get(config["entry_point"])
-        load_error = None if callable(fn) else "no function " + repr(config["entry_point"])
+        _load(ns, code_path, prelude_path)
+        fn = ns.get(entry_point)
+        load_error = None if callable(fn) else "no function " + repr(entry_point)
     except BaseException as error:  # noqa: B036 - the candidate's SystemExit is a failure too
         load_error = "load: " + type(error).__name__ + ": " + str(error)[:500]
+    pending = b""
     while True:
-        line = rpc_in.readline(MAX_LINE)
-        if not line:
-            return
+        while len(pending) < 4 or len(pending) < 4 + int.from_bytes(pending[:4], "big"):
+            chunk = os.read(rpc_in, 65536)
+            if not chunk:
+                return
+            pending += chunk
+        size = int.from_bytes(pending[:4], "big")
+        frame, pending = pending[4 : 4 + size], pending[4 + size :]
         try:
             if load_error:
                 raise RuntimeError(load_error)
-            request = json.loads(line)
-            args = decode(request["args"])
-            kwargs = decode(request["kwargs"])
+            args, kwargs = marshal.loads(frame)
             reply = {"ok": True, "value": encode(fn(*args, **kwargs))}
+            line = dumps(reply)
         except BaseException as error:  # noqa: B036
-            reply = {"ok": False, "error": type(error).__name__ + ": " + str(error)[:500]}
-        os.write(rpc_out, (json.dumps(reply) + "\n").encode())
+            line = dumps({"ok": False, "error": type(error).__name__ + ": " + str(error)[:500]})
+        os.write(rpc_out, (line + "\n").encode())
+
+
+class Candidate:
+    """The serving candidate process, seen from the driver or the checker."""
+
+    def __init__(self, driver):
+        to_child, self.request_fd = os.pipe()
+        self.reply_fd, from_child = os.pipe()
+        self.pid = spawn(driver.argv("serve"), to_child, from_child, driver.candidate_uid)
+        os.close(to_child)
+        os.close(from_child)
+
+    def call(self, args, kwargs, timeout):
+        """One call; the reply parsed into plain values, or an exception."""
+        frame = marshal.dumps((tuple(args), dict(kwargs)))  # ValueError for non-plain args
+        os.write(self.request_fd, len(frame).to_bytes(4, "big") + frame)
+        deadline, buffer = time.monotonic() + timeout, b""
+        while not buffer.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.reply_fd], [], [], remaining)[0]:
+                raise TimeoutError("candidate call timed out")
+            chunk = os.read(self.reply_fd, 65536)
+            if not chunk:
+                raise RuntimeError("candidate process exited")
+            buffer += chunk
+            if len(buffer) > MAX_REPLY:
+                raise RuntimeError("candidate reply too long")
+        reply = loads(buffer.split(b"\n", 1)[0].decode("utf-8"))
+        if type(reply) is not dict or reply.get("ok") is not True:
+            raise RuntimeError("candidate raised " + str(reply.get("error"))[:500])
+        return decode(reply["value"])
+
+    def close(self, driver):
+        kill_session(self.pid)
+        for fd in (self.request_fd, self.reply_fd):
+            os.close(fd)
+        driver.kill_stragglers()
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -210,14 +360,16 @@ class Driver:
         self.nonce = payload["nonce"]
         self.timeout = float(payload["timeout"])  # per case, or per call to the candidate
         self.total_timeout = float(payload.get("total_timeout") or self.timeout)
-        self.uids = payload.get("uids")  # [checker, candidate] when started as root
-        self.workdir = payload.get("workdir") or tempfile.mkdtemp(prefix="aha-code-")
-        self.config = {
-            "limits": payload["limits"],
-            "entry_point": payload.get("entry_point") or "",
-            "code_path": self._write("solution.py", payload["code"]),
-            "prelude_path": self._write("prelude.py", payload.get("prelude") or ""),
-        }
+        uids = payload.get("uids")  # [checker, candidate] when started as root
+        self.checker_uid, self.candidate_uid = uids if uids else (None, None)
+        workdir = payload.get("workdir")
+        if not workdir:
+            import tempfile
+
+            workdir = tempfile.mkdtemp(prefix="aha-code-")
+        self.workdir = workdir
+        self.code_path = self._write("solution.py", payload["code"])
+        self.prelude_path = self._write("prelude.py", payload.get("prelude") or "")
 
     def _write(self, name, text):
         path = os.path.join(self.workdir, name)
@@ -226,43 +378,28 @@ class Driver:
         os.chmod(path, 0o644)  # owned by the driver: the candidate can read, not replace it
         return path
 
-    def emit(self, message):
-        message["nonce"] = self.nonce
-        os.write(1, (json.dumps(message) + "\n").encode())
-
-    def spawn(self, mode, stdin=subprocess.PIPE, stdout=subprocess.PIPE):
-        config = dict(self.config, mode=mode)
-        kwargs = {}
-        if self.uids:
-            kwargs = {"user": self.uids[1], "group": self.uids[1], "extra_groups": []}
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-I",
-                "-S",
-                "-c",
-                self.payload["harness"],
-                "candidate",
-                json.dumps(config),
-            ],
-            stdin=stdin,
-            stdout=stdout,
-            stderr=subprocess.DEVNULL,
-            cwd=self.workdir,
-            start_new_session=True,
-            **kwargs,
+    def argv(self, mode):
+        limits = self.payload["limits"]
+        values = [str(limits.get(name, -1)) for name in LIMIT_NAMES]
+        entry = self.payload.get("entry_point") or "-"
+        return (
+            [sys.executable, "-I", "-S", "-c", self.payload["harness"], "candidate", mode, entry]
+            + [self.code_path, self.prelude_path]
+            + values
         )
 
-    def kill(self, proc):
-        for target in (lambda: os.killpg(proc.pid, signal.SIGKILL), proc.kill):
-            with contextlib.suppress(OSError):
-                target()
-        proc.wait()
-        if self.uids:
+    def emit(self, message):
+        message["nonce"] = self.nonce
+        os.write(1, (dumps(message) + "\n").encode())
+
+    def kill_stragglers(self):
+        if self.candidate_uid is not None:
             # Root in our own pid namespace: kill(-1) reaches every straggler (forks that left
-            # the process group) but not us or the namespace's init.
-            with contextlib.suppress(OSError):
+            # the session) but not us or the namespace's init.
+            try:  # noqa: SIM105
                 os.kill(-1, signal.SIGKILL)
+            except OSError:
+                pass
 
     def run(self):
         form = self.payload["form"]
@@ -276,18 +413,29 @@ class Driver:
 
     def run_stdio(self):
         cap = int(self.payload.get("max_output_bytes", 1 << 20))
+        os.chdir(self.workdir)
         for index, text in enumerate(self.payload["cases"]):
-            input_path = self._write("input.txt", text)
-            with open(input_path, "rb") as stdin:
-                proc = self.spawn("stdio", stdin=stdin)
-            out, timed_out = read_until(proc.stdout, time.monotonic() + self.timeout, cap)
-            if not timed_out:
-                try:
-                    proc.wait(timeout=max(0.0, 0.2))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-            exit_code = proc.poll()
-            self.kill(proc)
+            stdin_fd = os.open(self._write("input.txt", text), os.O_RDONLY)
+            out_r, out_w = os.pipe()
+            pid = spawn(self.argv("stdio"), stdin_fd, out_w, self.candidate_uid)
+            os.close(stdin_fd)
+            os.close(out_w)
+            deadline = time.monotonic() + self.timeout
+            out, timed_out = read_until(out_r, deadline, cap)
+            exit_code = None
+            while (
+                not timed_out and len(out) < cap
+            ):  # stdout closed: wait for the exit status until the deadline
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    exit_code = os.waitstatus_to_exitcode(status)
+                    break
+                timed_out = time.monotonic() > deadline
+                time.sleep(0.001)
+            os.close(out_r)
+            if exit_code is None:
+                kill_session(pid)
+            self.kill_stragglers()
             self.emit(
                 {
                     "case": index,
@@ -298,57 +446,55 @@ class Driver:
             )
 
     def run_function(self):
-        proc = None
+        candidate = None
         for index, case in enumerate(self.payload["cases"]):
-            if proc is None:
-                proc = self.spawn("serve")
+            if candidate is None:
+                candidate = Candidate(self)
             try:
-                value = call(proc, case.get("args", []), case.get("kwargs", {}), self.timeout)
+                value = candidate.call(case.get("args", []), case.get("kwargs", {}), self.timeout)
                 self.emit({"case": index, "ok": True, "result": plain_json(value)})
             except Exception as error:
                 self.emit({"case": index, "ok": False, "error": str(error)[:500]})
-                self.kill(proc)  # a failed call leaves the server in an unknown state
-                proc = None
-        if proc is not None:
-            self.kill(proc)
+                candidate.close(self)  # a failed call leaves the server in an unknown state
+                candidate = None
+        if candidate is not None:
+            candidate.close(self)
 
     def run_assert(self):
-        proc = self.spawn("serve")
+        candidate = Candidate(self)
         checker = os.fork()
         if checker == 0:
-            self.check_child(proc)  # never returns
+            self.check_child(candidate)  # never returns
         deadline = time.monotonic() + self.total_timeout
-        status = None
         while time.monotonic() < deadline:
-            pid, status = os.waitpid(checker, os.WNOHANG)
-            if pid:
+            if os.waitpid(checker, os.WNOHANG)[0]:
                 break
-            time.sleep(0.002)
+            time.sleep(0.001)
         else:
-            os.kill(checker, signal.SIGKILL)
-            os.waitpid(checker, 0)
+            kill_session(checker)
             self.emit({"case": 0, "passed": False, "error": "timed out"})
-        self.kill(proc)
+        candidate.close(self)
 
-    def check_child(self, proc):
+    def check_child(self, candidate):
         """The checking process: runs the row's check() against a proxy, then reports."""
         try:
-            if self.uids:
-                drop_to(self.uids[0])
-            make_undumpable()
+            if self.checker_uid is not None:
+                drop_to(self.checker_uid)
+            else:
+                make_undumpable()
             set_limits(self.payload.get("check_limits", {}))
             timeout = self.timeout
 
-            def candidate(*args, **kwargs):
-                return call(proc, list(args), kwargs, timeout)
+            def proxy(*args, **kwargs):
+                return candidate.call(args, kwargs, timeout)
 
             ns = {"__name__": "check", "__builtins__": __builtins__}
             exec(compile(self.payload.get("prelude") or "", "prelude.py", "exec"), ns)
             # As in HumanEval's own harness, the entry point's name means the solution under
             # test (HumanEval/33's check calls it by name, not only as ``candidate``).
-            ns[self.payload["entry_point"]] = candidate
+            ns[self.payload["entry_point"]] = proxy
             exec(compile(self.payload["check"], "check.py", "exec"), ns)
-            ns["check"](candidate)
+            ns["check"](proxy)
             self.emit({"case": 0, "passed": True})
             os._exit(0)
         except BaseException as error:  # noqa: B036
@@ -358,53 +504,20 @@ class Driver:
                 os._exit(1)
 
 
-def read_until(stream, deadline, cap):
-    """Read a pipe to EOF, ``cap`` bytes or ``deadline``; (data, timed_out)."""
-    chunks, size = [], 0
-    fd = stream.fileno()
-    while size < cap:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return b"".join(chunks), True
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            return b"".join(chunks), True
-        chunk = os.read(fd, min(65536, cap - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks), False
-
-
-def call(proc, args, kwargs, timeout):
-    """One call to the serving candidate; the reply decoded into plain values."""
-    request = json.dumps({"args": encode(list(args)), "kwargs": encode(dict(kwargs))})
-    os.write(proc.stdin.fileno(), (request + "\n").encode())
-    deadline = time.monotonic() + timeout
-    buffer = b""
-    while not buffer.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([proc.stdout.fileno()], [], [], remaining)[0]:
-            raise TimeoutError("candidate call timed out")
-        chunk = os.read(proc.stdout.fileno(), 65536)
-        if not chunk:
-            raise RuntimeError("candidate process exited")
-        buffer += chunk
-        if len(buffer) > MAX_LINE:
-            raise RuntimeError("candidate reply too long")
-    reply = json.loads(buffer.split(b"\n", 1)[0])
-    if type(reply) is not dict or reply.get("ok") is not True:
-        raise RuntimeError("candidate raised " + str(reply.get("error"))[:500])
-    return decode(reply["value"])
+def read_payload(data):
+    """``M`` + marshal (our parent, trusted) or ``J`` + JSON (remote clients)."""
+    if data[:1] == b"M":
+        return marshal.loads(data[1:])
+    return loads(data[1:].decode("utf-8"))
 
 
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "candidate":
-        candidate_main(json.loads(sys.argv[2]))
+        candidate_main(*sys.argv[2:])
         return
-    payload = json.loads(sys.stdin.buffer.read())
-    make_undumpable()
+    payload = read_payload(sys.stdin.buffer.read())
+    if not payload.get("uids"):
+        make_undumpable()  # as root, the candidate runs under another uid instead
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     Driver(payload).run()
 

@@ -40,7 +40,7 @@ class SandboxFusionBackend:
         return {
             "code": HARNESS_SOURCE,
             "language": "python",
-            "stdin": json.dumps(payload),
+            "stdin": "J" + json.dumps(payload),
             "run_timeout": wall_timeout,
             "compile_timeout": 10,
             "memory_limit_MB": self.memory_limit_mb,
