@@ -288,3 +288,30 @@ def test_a_thread_pool_caller_is_fine():
     worker.start()
     worker.join(30)
     assert out == [1.0]
+
+
+def test_sandboxes_die_with_the_trainer():
+    # The trainer is killed mid-run (OOM killer, Ctrl-C twice): no sandboxed process survives.
+    script = textwrap.dedent(
+        """
+        from rewards import get_reward
+        tests = {"type": "function", "entry_point": "f", "cases": [{"args": [], "expected": 1}]}
+        loop = "```python\\nimport os\\nos.fork()\\ndef f():\\n    while True:\\n        pass\\n```"
+        print("started", flush=True)
+        get_reward("code")([""] * 2, [loop] * 2, tests=[tests] * 2, timeout=60.0, workers=2)
+        """
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE)
+    try:
+        assert trainer.stdout.readline().strip() == b"started"
+        deadline = time.monotonic() + 10
+        while len(sandbox_processes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sandbox_processes()) >= 2  # the candidates are running
+    finally:
+        trainer.kill()
+        trainer.wait()
+    deadline = time.monotonic() + 5
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
