@@ -240,3 +240,13 @@ def test_chat_message_completions_and_ld_preload(monkeypatch):
         }
     ]
     assert get_reward("code")(["p"], [completion], tests=[tests]) == [1.0]
+
+
+def test_uid_pairs_are_never_shared_at_once():
+    from rewards.code.sandbox import UidPairs
+
+    pairs = UidPairs(2_000_000_000)
+    first, second = pairs.acquire(), pairs.acquire()
+    assert second == first + 2  # each run holds two uids: checker and candidate
+    pairs.release(first)
+    assert pairs.acquire() == first

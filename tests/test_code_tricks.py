@@ -104,6 +104,7 @@ TRICKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["stdio", "function", "assert"])
 def test_every_trick_scores_zero(form):
     names = list(TRICKS)

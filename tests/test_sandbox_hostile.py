@@ -236,14 +236,17 @@ def test_fork_bomb_is_contained_inside_its_own_pid_namespace():
     # Belt and braces: the test itself runs in an outer pid namespace (`unshare --pid`), so
     # even a sandbox that failed could not take the machine down; killing the outer
     # namespace's init (at the timeout) kills everything in it.
+    # A second run at the same time forks too: the bomb must not use up its process limit.
     script = textwrap.dedent(
         """
         import time
         from rewards import get_reward
         bomb = "```python\\nimport os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n        pass\\n```"
+        forker = "```python\\nimport os, time\\ntime.sleep(0.5)\\ndef f():\\n    for _ in range(4):\\n        pid = os.fork()\\n        if pid == 0:\\n            os._exit(0)\\n        os.waitpid(pid, 0)\\n    return 1\\n```"
         tests = {"type": "assert", "entry_point": "f", "code": "def check(c):\\n    assert c() == 1\\n"}
         started = time.monotonic()
-        print(get_reward("code")([""], [bomb], tests=[tests], timeout=2.0, total_timeout=3.0), time.monotonic() - started)
+        scores = get_reward("code")([""] * 2, [bomb, forker], tests=[tests] * 2, timeout=2.0, total_timeout=3.0, workers=2)
+        print(scores, time.monotonic() - started)
         """
     )
     unshare = shutil.which("unshare")
@@ -258,7 +261,7 @@ def test_fork_bomb_is_contained_inside_its_own_pid_namespace():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     scores, seconds = done.stdout.split("]")
-    assert scores == "[0.0"
+    assert scores == "[0.0, 1.0"
     assert float(seconds) < 20
     assert sandbox_processes() == []
     subprocess.run(["true"], check=True)  # the host can still fork

@@ -175,7 +175,7 @@ def test_a_stalled_server_times_out():
         "cases": [{"args": []}],
     }
     started = time.monotonic()
-    result = backend.run(make_payload(job, limits), wall_timeout=0.5, slot=0)
+    result = backend.run(make_payload(job, limits), wall_timeout=0.5)
     listener.close()
     assert result.error and "timed out" in result.error.lower()
     assert time.monotonic() - started < 5

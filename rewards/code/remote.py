@@ -58,7 +58,7 @@ class SandboxFusionBackend:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
 
-    def run(self, payload: dict[str, Any], wall_timeout: float, slot: int) -> RunResult:
+    def run(self, payload: dict[str, Any], wall_timeout: float) -> RunResult:
         payload = dict(payload, workdir=None, uids=None)
         body = self.request_body(payload, wall_timeout)
         last_error = "no attempt made"

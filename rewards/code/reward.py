@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -192,24 +191,17 @@ def run_jobs(
 ) -> list[RunResult | None]:
     """Run every job in its own sandbox, at most ``workers`` at a time; None jobs are skipped.
 
-    Each worker owns a slot number for the whole call (the bwrap backend maps it to a uid
-    pair), and any exception becomes that run's error, never another run's.
+    Any exception becomes that run's error, never another run's.
     """
-    slots: queue.Queue[int] = queue.Queue()
-    for slot in range(workers):
-        slots.put(slot)
 
     def one(job: dict[str, Any] | None) -> RunResult | None:
         if job is None:
             return None
-        slot = slots.get()
         try:
             payload = make_payload(job, limits)
-            return backend.run(payload, wall_timeout(payload, limits), slot)
+            return backend.run(payload, wall_timeout(payload, limits))
         except Exception as error:  # a broken run scores 0; it must not stop the batch
             return RunResult(error=f"{type(error).__name__}: {error}", sandbox=backend.name)
-        finally:
-            slots.put(slot)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(one, jobs))

@@ -11,7 +11,8 @@ bubblewrap, started by root (the usual case on a training box):
   interpreter's prefix read-only at ``/opt/python``, fresh ``/proc`` and ``/dev``, and a private
   size-capped ``/tmp``: no ``/etc``, ``/root``, ``/work``, ``/home``, nor other runs' files;
 * all capabilities dropped but SETUID/SETGID/KILL, which the driver needs to start the checker
-  and the candidate under two uids of their own (one pair per pool slot, so RLIMIT_NPROC,
+  and the candidate under two uids of their own (a pair no other run of this process holds
+  at the same time, so RLIMIT_NPROC,
   which the kernel counts per uid and never applies to root, bounds this run only);
 * a seccomp filter (:mod:`rewards.code.seccomp`) against new namespaces from inside;
 * an empty environment (no ``LD_PRELOAD`` from vLLM) and rlimits set by the harness.
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,7 +92,7 @@ class RunResult:
 class Backend(Protocol):
     name: str
 
-    def run(self, payload: dict[str, Any], wall_timeout: float, slot: int) -> RunResult: ...
+    def run(self, payload: dict[str, Any], wall_timeout: float) -> RunResult: ...
 
 
 def make_payload(job: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -159,21 +161,48 @@ def _run_process(
         return out, err, True
 
 
+class UidPairs:
+    """Uid pairs for concurrent sandboxes; two runs at the same time never share one.
+
+    Process-wide on purpose: two reward calls may run at once (train and eval threads, TRL's
+    async rewards), and a fork bomb in one must not use up the other's RLIMIT_NPROC.
+    """
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._next = 0
+
+    def acquire(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self._next += 1
+            return self.base + 2 * (self._next - 1)
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._free.append(uid)
+
+
+# Far above any real account; offset by our pid so that trainers on one host rarely overlap.
+SANDBOX_UIDS = UidPairs(1_500_000_000 + (os.getpid() % 100_000) * 1024)
+
+
 @dataclass
 class BwrapBackend:
     """One fresh bubblewrap sandbox per run."""
 
     limits: Limits = field(default_factory=Limits)
     python_prefix: str = sys.base_prefix
-    uid_base: int | None = None  # None: derived from our pid, so two trainers rarely share
+    uids: UidPairs = SANDBOX_UIDS
     name: str = "bwrap"
 
     def __post_init__(self) -> None:
         self.bwrap = shutil.which("bwrap")
         if self.bwrap is None:
             raise SandboxUnavailableError(INSTALL_HINT)
-        if self.uid_base is None:
-            self.uid_base = 1_500_000_000 + (os.getpid() % 100_000) * 512
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
         self.interpreter = f"/opt/python/bin/{version}"
         if not (Path(self.python_prefix) / "bin" / version).exists():
@@ -206,10 +235,10 @@ class BwrapBackend:
             argv += ["--seccomp", str(seccomp_fd)]
         return argv + ["--", self.interpreter, "-I", "-S", "-c", HARNESS_SOURCE]
 
-    def run(self, payload: dict[str, Any], wall_timeout: float, slot: int) -> RunResult:
+    def run(self, payload: dict[str, Any], wall_timeout: float) -> RunResult:
         payload = dict(payload, workdir="/tmp")
-        if os.geteuid() == 0:
-            base = self.uid_base + 2 * slot
+        base = self.uids.acquire() if os.geteuid() == 0 else None
+        if base is not None:
             payload["uids"] = [base, base + 1]
         read_fd = None
         try:
@@ -229,6 +258,9 @@ class BwrapBackend:
         finally:
             if read_fd is not None:
                 os.close(read_fd)
+            if base is not None:
+                # bwrap has exited; its pid namespace is gone or, after a kill, going.
+                self.uids.release(base)
         messages = parse_report(out, payload["nonce"])
         error = None
         if not messages and not timed_out:
@@ -243,7 +275,7 @@ class UnsafeLocalBackend:
     limits: Limits = field(default_factory=Limits)
     name: str = "UNSANDBOXED"
 
-    def run(self, payload: dict[str, Any], wall_timeout: float, slot: int) -> RunResult:
+    def run(self, payload: dict[str, Any], wall_timeout: float) -> RunResult:
         with tempfile.TemporaryDirectory(prefix="aha-code-") as workdir:
             payload = dict(payload, workdir=workdir, uids=None)
             argv = [sys.executable, "-I", "-S", "-c", HARNESS_SOURCE]
