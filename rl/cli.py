@@ -42,6 +42,50 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
+    eval_cmd = commands.add_parser(
+        "eval",
+        help="score a model or a run's last checkpoint on held-out datasets",
+        description=(
+            "Generate with the configured rollout engine, score with the same reward functions "
+            "as training, and print pass@1 (accuracy), pass@n and majority-vote accuracy per "
+            "dataset. Writes samples-<dataset>.jsonl and summary-<dataset>.json."
+        ),
+        epilog="example: aha eval runs/default-20261124-101500 --dataset arithmetic --dataset gsm8k --n 4 --limit 50",
+    )
+    eval_cmd.add_argument(
+        "target",
+        metavar="MODEL_OR_RUN_DIR",
+        help="a run folder, or a model name/folder (as model.name)",
+    )
+    eval_cmd.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        help="built-in task or file; repeat for several",
+    )
+    eval_cmd.add_argument(
+        "--n", type=int, default=1, help="completions per prompt (default 1, greedy)"
+    )
+    eval_cmd.add_argument("--limit", type=int, default=None, help="first K prompts of each dataset")
+    eval_cmd.add_argument("--split", default="test", help="dataset split (default test)")
+    eval_cmd.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default: 0 (greedy) for n=1, else the config's",
+    )
+    eval_cmd.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default RUN_DIR/eval/step-N or evals/<model>-<time>)",
+    )
+    eval_cmd.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. rollout.max_tokens=512",
+    )
+
     config_cmd = commands.add_parser(
         "config",
         help="print the resolved config (defaults + file + overrides) as YAML",
@@ -98,6 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "eval":
+            from rl.evaluate import run_eval
+
+            run_eval(
+                args.target,
+                args.dataset,
+                n=args.n,
+                limit=args.limit,
+                split=args.split,
+                temperature=args.temperature,
+                out=args.out,
+                overrides=args.overrides,
+            )
+            return 0
         if args.command == "config":
             from rl.config import config_to_yaml, load_config
 

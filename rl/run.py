@@ -63,7 +63,7 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
     from rl import setup
     from rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
     from rl.data import batches
-    from rl.trainer import evaluate, train_step
+    from rl.trainer import train_step
 
     started = time.time()
     resuming = config.resume is not None
@@ -92,18 +92,7 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
             _truncate_log(run_dir / log, trainer.step)
         print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
     elif parts.eval_prompts:
-        print(
-            f"Held-out evaluation before training ({len(parts.eval_prompts)} prompts)...",
-            flush=True,
-        )
-        eval_before = evaluate(
-            trainer.engine, parts.eval_prompts, trainer.rewards, config.rollout.max_tokens
-        )
-        _append_json(
-            run_dir / "metrics.jsonl",
-            {"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}},
-        )
-        print(f"  accuracy before: {eval_before['accuracy']:.3f}", flush=True)
+        eval_before = _evaluate(trainer, parts.eval_prompts, run_dir, "before training")
 
     stream = batches(
         parts.train_prompts,
@@ -134,6 +123,9 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
                 extra,
                 config.train.keep_checkpoints,
             )
+        every = config.data.eval_every
+        if parts.eval_prompts and every and trainer.step % every == 0 and not last:
+            _evaluate(trainer, parts.eval_prompts, run_dir, f"at step {trainer.step}")
         bar.update(1)
         bar.set_postfix(
             reward=f"{metrics['reward/mean']:.3f}",
@@ -143,16 +135,7 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
     bar.close()
 
     if parts.eval_prompts:
-        print(
-            f"Held-out evaluation after training ({len(parts.eval_prompts)} prompts)...", flush=True
-        )
-        eval_after = evaluate(
-            trainer.engine, parts.eval_prompts, trainer.rewards, config.rollout.max_tokens
-        )
-        _append_json(
-            run_dir / "metrics.jsonl",
-            {"step": trainer.step, **{f"eval/{k}": v for k, v in eval_after.items()}},
-        )
+        eval_after = _evaluate(trainer, parts.eval_prompts, run_dir, "after training")
     trainer.engine.close()
     summary = RunSummary(run_dir, trainer.step, eval_before, eval_after, time.time() - started)
     (run_dir / "summary.json").write_text(
@@ -168,6 +151,28 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
     )
     print_summary(summary, run_dir)
     return summary
+
+
+def _evaluate(trainer, prompts, run_dir: Path, when: str) -> dict[str, float]:
+    """Greedy held-out accuracy with the training rewards, logged as eval/* at this step."""
+    from rl.evaluate import evaluate
+    from rollouts.base import SamplingSettings
+
+    print(f"Held-out evaluation {when} ({len(prompts)} prompts)...", flush=True)
+    greedy = SamplingSettings(temperature=0.0, max_tokens=trainer.config.rollout.max_tokens)
+    metrics = evaluate(
+        trainer.engine,
+        prompts,
+        trainer.rewards,
+        greedy,
+        batch_size=trainer.config.rollout.batch_size,
+    ).metrics
+    _append_json(
+        run_dir / "metrics.jsonl",
+        {"step": trainer.step, **{f"eval/{k}": v for k, v in metrics.items()}},
+    )
+    print(f"  held-out accuracy {when}: {metrics['accuracy']:.3f}", flush=True)
+    return metrics
 
 
 def _progress(total: int, done: int, enabled: bool):

@@ -78,10 +78,17 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path):
         return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
     if config.rollout.engine == "vllm":  # vLLM is imported here only, never at module level
         r, lora = config.rollout, config.model.lora
+        lora_scaling = lora.alpha / lora.r if lora.enabled else None  # merged before the push
         if r.server_url:
-            from rollouts.server import ServerEngine
+            from rollouts.server import ServerEngine, ServerError
 
-            return ServerEngine(r.server_url, tokenizer, r.server_mode, r.server_sync_dir)
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            try:
+                return ServerEngine(
+                    r.server_url, tokenizer, r.server_mode, r.server_sync_dir, tied, lora_scaling
+                )
+            except ServerError as error:
+                raise ConfigError(f"rollout.server_url: {error}") from None
         from rollouts.vllm_engine import VLLMEngine, VLLMSettings, VLLMUnavailableError
 
         settings = VLLMSettings(
@@ -92,7 +99,7 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path):
             enforce_eager=r.enforce_eager,
             sleep_level=r.sleep_level,
             kv_cache_gb=r.kv_cache_gb,
-            lora_scaling=lora.alpha / lora.r if lora.enabled else None,
+            lora_scaling=lora_scaling,
         )
         try:  # it loads model_folder, as the trainer did; a resume pushes the checkpoint's weights
             return VLLMEngine(model_folder, tokenizer, settings)
@@ -115,7 +122,31 @@ def build_scheduler(config: Config, optimizer):
     )
 
 
+def load_trained_policy(config: Config, model_folder: Path, checkpoint: Path | None):
+    """The policy as the config builds it, with a checkpoint's weights (or LoRA adapter) if given."""
+    lora = config.model.lora
+    if checkpoint is not None and not lora.enabled:
+        return load_policy(
+            checkpoint, config.model.dtype, None, config.model.gradient_checkpointing
+        )
+    model = load_policy(model_folder, config.model.dtype, lora, config.model.gradient_checkpointing)
+    if checkpoint is not None:  # LoRA: the checkpoint holds the adapter only
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    return model
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # aha draws its own progress bars
+    transformers.utils.logging.set_verbosity_error()
+
+
 def build(config: Config, checkpoint: Path | None = None) -> Parts:
+    quiet_transformers()
     seed_everything(config.train.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -125,19 +156,7 @@ def build(config: Config, checkpoint: Path | None = None) -> Parts:
     train_prompts, eval_prompts = build_prompts(config, tokenizer, rewards)
 
     lora = config.model.lora
-    if checkpoint is not None and not lora.enabled:
-        model = load_policy(
-            checkpoint, config.model.dtype, None, config.model.gradient_checkpointing
-        )
-    else:
-        model = load_policy(
-            model_folder, config.model.dtype, lora, config.model.gradient_checkpointing
-        )
-        if checkpoint is not None:  # LoRA: the checkpoint holds the adapter only
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    model = load_trained_policy(config, model_folder, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 

@@ -1,0 +1,226 @@
+"""Held-out evaluation: pass@1, pass@k and majority-vote accuracy, scored by the same reward
+functions as training (so the grader and the teacher cannot drift apart)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl.scoring import WeightedReward, score
+from rollouts.base import RolloutEngine, SamplingSettings
+from rollouts.record import Prompt, Rollout
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code", eq. 1): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def stated_answer(completion: str) -> str | None:
+    """The final answer a completion states, normalised for voting; None if it states none."""
+    from rewards.math.extract import extract_answer
+    from rewards.math.fastpath import normalize
+
+    answer = extract_answer(completion)
+    return normalize(answer) if answer else None
+
+
+def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
+    """Self-consistency (Wang et al. 2023): the most common stated answer decides; it is
+    correct if the completions that stated it were. No stated answer: wrong."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    top, _ = votes.most_common(1)[0]
+    return next(ok for a, ok in zip(answers, correct, strict=True) if a == top)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    rollouts: list[Rollout]
+
+
+def evaluate(
+    engine: RolloutEngine,
+    prompts: list[Prompt],
+    rewards: list[WeightedReward],
+    sampling: SamplingSettings,
+    n: int = 1,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> EvalResult:
+    """n completions per prompt; the first reward is the correctness reward (correct = >= 1).
+
+    Returns ``accuracy`` (mean correctness over all completions, i.e. pass@1), ``pass@k`` for
+    k = n (when n > 1), ``maj@n`` (majority vote), and each reward's mean.
+    """
+    from tqdm import tqdm
+
+    rollouts: list[Rollout] = []
+    per_call = max(batch_size // n, 1)
+    with tqdm(
+        total=len(prompts), desc="eval", unit="prompt", disable=not progress, leave=False
+    ) as bar:
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start : start + per_call]
+            rollouts += engine.generate(chunk, n, sampling)
+            bar.update(len(chunk))
+    reward_metrics, _ = score(rollouts, rewards, timeout_s=600)
+    first = rewards[0].name
+    correct = [(r.rewards[first] or 0.0) >= 1.0 for r in rollouts]
+    metrics: dict[str, float] = {"accuracy": sum(correct) / max(len(correct), 1)}
+    if n > 1:
+        groups = [range(i * n, (i + 1) * n) for i in range(len(prompts))]
+        metrics[f"pass@{n}"] = sum(
+            pass_at_k(n, sum(correct[j] for j in g), n) for g in groups
+        ) / len(groups)
+        answers = [stated_answer(r.completion) for r in rollouts]
+        metrics[f"maj@{n}"] = sum(
+            majority_correct([answers[j] for j in g], [correct[j] for j in g]) for g in groups
+        ) / len(groups)
+    metrics.update({k: v for k, v in reward_metrics.items() if not k.endswith("/errors")})
+    return EvalResult(metrics, rollouts)
+
+
+def write_eval(out_dir: Path, name: str, result: EvalResult, extra: dict[str, Any]) -> None:
+    """samples-<name>.jsonl (every completion with its rewards) and summary-<name>.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / f"samples-{name}.jsonl").open("w") as handle:
+        for r in result.rollouts:
+            messages = r.prompt.messages
+            handle.write(
+                json.dumps(
+                    {
+                        "prompt": messages[-1]["content"]
+                        if isinstance(messages, list)
+                        else messages,
+                        "answer": r.prompt.row.get("answer"),
+                        "completion": r.completion,
+                        "rewards": r.rewards,
+                        "finish_reason": r.finish_reason,
+                        "completion_tokens": len(r.completion_ids),
+                    },
+                    default=str,
+                )
+                + "\n"
+            )
+    (out_dir / f"summary-{name}.json").write_text(json.dumps({**extra, **result.metrics}, indent=2))
+
+
+def run_eval(
+    target: str,
+    datasets: list[str],
+    n: int = 1,
+    limit: int | None = None,
+    split: str = "test",
+    temperature: float | None = None,
+    out: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """`aha eval`: a run folder (its config and last checkpoint) or a model, on each dataset."""
+    from datetime import datetime
+
+    import torch
+
+    from rl import setup
+    from rl.checkpoint import latest_checkpoint
+    from rl.config import ConfigError, load_config
+    from rl.data import check_columns, load_rows, render_prompts, system_prompt_for
+    from rl.models import load_tokenizer, resolve_model
+
+    target_path = Path(target)
+    checkpoint = None
+    if (target_path / "config.yaml").is_file():  # a run folder
+        config = load_config(target_path / "config.yaml", overrides)
+        config.resume = None
+        checkpoint = latest_checkpoint(target_path)
+        default_out = (
+            target_path / "eval" / f"step-{checkpoint.name.split('-')[1] if checkpoint else 0}"
+        )
+    else:
+        config = load_config(None, [f"model.name={target}", *overrides])
+        default_out = Path("evals") / f"{target_path.name or target}-{datetime.now():%Y%m%d-%H%M%S}"
+    if n < 1:
+        raise ConfigError(f"--n: must be at least 1, got {n}")
+    setup.quiet_transformers()
+    rewards = setup.build_rewards(config)
+    model_folder = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(model_folder)
+    model = setup.load_trained_policy(config, model_folder, checkpoint)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    engine = setup.build_engine(config, model, tokenizer, model_folder)
+    engine.update_weights(model.named_parameters(), version=0)
+    if temperature is None:
+        temperature = 0.0 if n == 1 else config.rollout.temperature
+    sampling = SamplingSettings(
+        temperature=temperature,
+        top_p=config.rollout.top_p if temperature > 0 else 1.0,
+        top_k=config.rollout.top_k if temperature > 0 else 0,
+        max_tokens=config.rollout.max_tokens,
+        stop=tuple(config.rollout.stop),
+    )
+    needed = sorted({c for r in rewards for c in getattr(r.fn, "required_columns", ())})
+    out_dir = Path(out) if out else default_out
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for name in datasets:
+            rows = load_rows(
+                name,
+                split,
+                config.train.seed,
+                config.data.task_options if name == config.data.dataset else {},
+            )
+            rows = rows[:limit] if limit else rows
+            source = f"--dataset {name!r} split {split!r}"
+            check_columns(rows, source, config.data.prompt_column, needed)
+            prompts = render_prompts(
+                rows,
+                tokenizer,
+                config.data.prompt_column,
+                config.data.answer_column,
+                system_prompt_for(name, config.data.system_prompt),
+                config.data.max_prompt_tokens,
+                source,
+            )
+            result = evaluate(
+                engine,
+                prompts,
+                rewards,
+                sampling,
+                n=n,
+                batch_size=config.rollout.batch_size,
+                progress=progress,
+            )
+            write_eval(
+                out_dir,
+                Path(name).stem,
+                result,
+                {
+                    "model": target,
+                    "dataset": name,
+                    "split": split,
+                    "n": n,
+                    "temperature": temperature,
+                    "prompts": len(prompts),
+                },
+            )
+            results[name] = result.metrics
+            shown = "  ".join(
+                f"{k}={v:.3f}"
+                for k, v in result.metrics.items()
+                if k in ("accuracy", f"pass@{n}", f"maj@{n}")
+            )
+            print(f"{name:12} {len(prompts):5d} prompts  {shown}", flush=True)
+    finally:
+        engine.close()
+    print(f"Samples and summaries in {out_dir}")
+    return results
