@@ -225,17 +225,22 @@ def spawn(argv, stdin_fd, stdout_fd, uid):
     if pid:
         return pid
     try:
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(stdin_fd, 0)
-        os.dup2(stdout_fd, 1)
-        os.dup2(devnull, 2)
-        os.closerange(3, 65536)
-        if uid is not None:
-            drop_to(uid)
+        _become_child(stdin_fd, stdout_fd, uid)
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
+
+
+def _become_child(stdin_fd, stdout_fd, uid):
+    """In a fresh fork: own session, only these two pipes (and /dev/null) open, then ``uid``."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(stdin_fd, 0)
+    os.dup2(stdout_fd, 1)
+    os.dup2(devnull, 2)
+    os.closerange(3, 65536)  # the driver's stdin (the payload) and stdout (the report) too
+    if uid is not None:
+        drop_to(uid)
 
 
 def kill_session(pid):
@@ -277,13 +282,21 @@ def _load(ns, code_path, prelude_path):
 
 
 def candidate_main(mode, entry_point, code_path, prelude_path, *limit_values):
-    set_limits({LIMIT_NAMES[i]: value for i, value in enumerate(limit_values)})
+    """A fresh interpreter's entry point (``python -c HARNESS candidate ...``)."""
+    limits = {LIMIT_NAMES[i]: value for i, value in enumerate(limit_values)}
     if mode == "stdio":
+        set_limits(limits)
         sys.argv = ["solution.py"]
         _load({"__name__": "__main__", "__builtins__": __builtins__}, code_path, prelude_path)
         return
-    # serve: private copies of the RPC pipes; fds 0 and 1 go to /dev/null and stderr so a
-    # print() in the candidate's code cannot desynchronise the protocol by accident.
+    serve(limits, entry_point, code_path, prelude_path)
+
+
+def serve(limits, entry_point, code_path, prelude_path):
+    """Load the candidate's code, then answer calls framed on fd 0 with JSON lines on fd 1."""
+    set_limits(limits)
+    # Private copies of the RPC pipes; fds 0 and 1 go to /dev/null and stderr so a print()
+    # in the candidate's code cannot desynchronise the protocol by accident.
     rpc_in, rpc_out = os.dup(0), os.dup(1)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
@@ -317,10 +330,20 @@ def candidate_main(mode, entry_point, code_path, prelude_path, *limit_values):
 class Candidate:
     """The serving candidate process, seen from the driver or the checker."""
 
-    def __init__(self, driver):
+    def __init__(self, driver, fork=False):
+        """``fork``: a child of the driver, cheap, only while the driver holds no secret."""
         to_child, self.request_fd = os.pipe()
         self.reply_fd, from_child = os.pipe()
-        self.pid = spawn(driver.argv("serve"), to_child, from_child, driver.candidate_uid)
+        if fork:
+            self.pid = os.fork()
+            if self.pid == 0:
+                try:
+                    _become_child(to_child, from_child, driver.candidate_uid)
+                    serve(driver.limits, driver.entry_point, driver.code_path, driver.prelude_path)
+                finally:
+                    os._exit(0)
+        else:
+            self.pid = spawn(driver.argv("serve"), to_child, from_child, driver.candidate_uid)
         os.close(to_child)
         os.close(from_child)
 
@@ -355,21 +378,41 @@ class Candidate:
 
 
 class Driver:
-    def __init__(self, payload):
-        self.payload = payload
-        self.nonce = payload["nonce"]
-        self.timeout = float(payload["timeout"])  # per case, or per call to the candidate
-        self.total_timeout = float(payload.get("total_timeout") or self.timeout)
-        uids = payload.get("uids")  # [checker, candidate] when started as root
+    """Runs one job. Built from the payload's public part; ``receive`` adds the secret part."""
+
+    def __init__(self, public):
+        self.payload = public
+        self.limits = public["limits"]
+        self.entry_point = public.get("entry_point") or "-"
+        uids = public.get("uids")  # [checker, candidate] when started as root
         self.checker_uid, self.candidate_uid = uids if uids else (None, None)
-        workdir = payload.get("workdir")
+        workdir = public.get("workdir")
         if not workdir:
             import tempfile
 
             workdir = tempfile.mkdtemp(prefix="aha-code-")
         self.workdir = workdir
-        self.code_path = self._write("solution.py", payload["code"])
-        self.prelude_path = self._write("prelude.py", payload.get("prelude") or "")
+        self.code_path = self._write("solution.py", public["code"])
+        self.prelude_path = self._write("prelude.py", public.get("prelude") or "")
+        self.first = None  # a candidate forked before the secret part arrived
+
+    def prefork(self):
+        """Import the stdlib modules the code names, then fork the candidate: both the
+        candidate and the checker (forked later) skip that start-up cost."""
+        text = self.payload["code"] + "\n" + (self.payload.get("prelude") or "")
+        for name in PREIMPORT:
+            if "import " + name in text or "from " + name + " " in text:
+                try:  # noqa: SIM105
+                    __import__(name)
+                except ImportError:
+                    pass
+        self.first = Candidate(self, fork=True)
+
+    def receive(self, secret):
+        self.payload = dict(self.payload, **secret)
+        self.nonce = secret["nonce"]
+        self.timeout = float(secret["timeout"])  # per case, or per call to the candidate
+        self.total_timeout = float(secret.get("total_timeout") or self.timeout)
 
     def _write(self, name, text):
         path = os.path.join(self.workdir, name)
@@ -379,9 +422,8 @@ class Driver:
         return path
 
     def argv(self, mode):
-        limits = self.payload["limits"]
-        values = [str(limits.get(name, -1)) for name in LIMIT_NAMES]
-        entry = self.payload.get("entry_point") or "-"
+        values = [str(self.limits.get(name, -1)) for name in LIMIT_NAMES]
+        entry = self.entry_point
         return (
             [sys.executable, "-I", "-S", "-c", self.payload["harness"], "candidate", mode, entry]
             + [self.code_path, self.prelude_path]
@@ -446,7 +488,7 @@ class Driver:
             )
 
     def run_function(self):
-        candidate = None
+        candidate, self.first = self.first, None
         for index, case in enumerate(self.payload["cases"]):
             if candidate is None:
                 candidate = Candidate(self)
@@ -461,7 +503,7 @@ class Driver:
             candidate.close(self)
 
     def run_assert(self):
-        candidate = Candidate(self)
+        candidate, self.first = self.first or Candidate(self), None
         checker = os.fork()
         if checker == 0:
             self.check_child(candidate)  # never returns
@@ -504,22 +546,64 @@ class Driver:
                 os._exit(1)
 
 
-def read_payload(data):
-    """``M`` + marshal (our parent, trusted) or ``J`` + JSON (remote clients)."""
-    if data[:1] == b"M":
-        return marshal.loads(data[1:])
-    return loads(data[1:].decode("utf-8"))
+PREIMPORT = (
+    "typing",
+    "collections",
+    "math",
+    "itertools",
+    "functools",
+    "heapq",
+    "bisect",
+    "string",
+    "re",
+    "fractions",
+    "decimal",
+    "hashlib",
+    "statistics",
+)
+
+
+def read_exact(fd, size):
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise EOFError("payload truncated")
+        data += chunk
+    return data
+
+
+def read_rest(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def parse(kind, data):
+    """``M``: marshal (our own parent, trusted); ``J``: JSON (remote clients)."""
+    return marshal.loads(data) if kind == b"M" else loads(data.decode("utf-8"))
 
 
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "candidate":
         candidate_main(*sys.argv[2:])
         return
-    payload = read_payload(sys.stdin.buffer.read())
-    if not payload.get("uids"):
+    # The payload comes in two parts: KIND, a 10-digit length, the public part (code, limits),
+    # then the secret part (nonce, check code, cases). The candidate is forked between the
+    # two reads, so the secret was never in any memory it inherits.
+    kind = read_exact(0, 1)
+    public = parse(kind, read_exact(0, int(read_exact(0, 10))))
+    if not public.get("uids"):
         make_undumpable()  # as root, the candidate runs under another uid instead
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    Driver(payload).run()
+    driver = Driver(public)
+    if public["form"] in ("function", "assert"):
+        driver.prefork()
+    driver.receive(parse(kind, read_rest(0)))
+    driver.run()
 
 
 if __name__ == "__main__":

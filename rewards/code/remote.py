@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards.code.sandbox import HARNESS_SOURCE, Limits, RunResult, parse_report
+from rewards.code.sandbox import HARNESS_SOURCE, Limits, RunResult, encode_payload, parse_report
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SandboxFusionBackend:
         return {
             "code": HARNESS_SOURCE,
             "language": "python",
-            "stdin": "J" + json.dumps(payload),
+            "stdin": encode_payload(payload, "J").decode(),
             "run_timeout": wall_timeout,
             "compile_timeout": 10,
             "memory_limit_MB": self.memory_limit_mb,

@@ -109,6 +109,22 @@ def make_payload(job: dict[str, Any], limits: Limits) -> dict[str, Any]:
     }
 
 
+# What the candidate may see before it starts; everything else (the nonce, the check code,
+# the cases) is sent after it has been forked. See harness.main.
+PUBLIC_KEYS = ("form", "code", "prelude", "entry_point", "limits", "uids", "workdir")
+
+
+def encode_payload(payload: dict[str, Any], kind: str = "M") -> bytes:
+    """The driver's stdin: KIND, a 10-digit length, the public part, the secret part."""
+    public = {k: payload.get(k) for k in PUBLIC_KEYS}
+    secret = {k: v for k, v in payload.items() if k not in PUBLIC_KEYS}
+    if kind == "M":
+        head, tail = marshal.dumps(public), marshal.dumps(secret)
+    else:
+        head, tail = json.dumps(public).encode(), json.dumps(secret).encode()
+    return kind.encode() + b"%010d" % len(head) + head + tail
+
+
 def parse_report(stdout: bytes, nonce: str) -> list[dict[str, Any]]:
     """Driver lines carrying ``nonce``; anything else (forged, garbled) is dropped."""
     messages = []
@@ -148,7 +164,7 @@ def _run_process(
     )
     try:
         # marshal: the driver reads it without importing json (trusted direction only).
-        out, err = proc.communicate(b"M" + marshal.dumps(payload), timeout=timeout)
+        out, err = proc.communicate(encode_payload(payload, "M"), timeout=timeout)
         return out, err, False
     except subprocess.TimeoutExpired:
         with contextlib.suppress(OSError):
