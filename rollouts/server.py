@@ -1,0 +1,208 @@
+"""Rollouts from a running vLLM server (``rollout.server_url``): TRL's ``trl vllm-serve`` or any
+vLLM OpenAI-compatible server, on other GPUs or another machine.
+
+Generation is one ``POST /v1/completions`` with token-id prompts (``return_token_ids``), so the
+records match the colocated engine's: completion ids (EOS kept), the sampled token's log-prob
+(start the server with ``--logprobs-mode processed_logprobs``, as ``trl vllm-serve`` does, or
+they are the untempered model's), finish reason and policy version.
+
+New weights reach the server one of three ways (``rollout.server_mode``):
+
+- ``nccl``: TRL's ``VLLMClient`` broadcasts every tensor over vLLM's NCCL weight-transfer group
+  (``trl vllm-serve``, or ``vllm serve --weight-transfer-config '{"backend": "nccl"}'`` with
+  ``VLLM_SERVER_DEV_MODE=1``). Needs CUDA on both sides: TRL refuses any other device.
+- ``reload``: the trainer writes one safetensors file into ``server_sync_dir`` and asks the
+  server, through its development endpoint ``/collective_rpc``, to ``reload_weights`` from it;
+  then resets the prefix cache. Needs ``VLLM_SERVER_DEV_MODE=1`` and a folder both machines
+  see; works on CPU (the only server-side update this project could test).
+- ``frozen``: never; for evaluating a fixed model. Training refuses to start a second step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rollouts.base import SamplingSettings
+from rollouts.record import FinishReason, Prompt, Rollout
+from rollouts.vllm_engine import vllm_named_tensors  # pure torch: no vLLM import
+
+ServerMode = Literal["nccl", "reload", "frozen"]
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error, or not at all."""
+
+
+def _request(url: str, payload: dict[str, Any] | None = None, timeout: float = 600) -> Any:
+    """GET (payload None) or POST JSON; the decoded reply (None when empty)."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")[:500]
+        raise ServerError(f"{url}: HTTP {error.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise ServerError(f"{url}: {error}") from None
+    return json.loads(body) if body.strip() else None
+
+
+def wait_for_server(
+    base_url: str, timeout_s: float = 300, poll_s: float = 1.0, alive=lambda: True
+) -> None:
+    """Block until ``/health`` answers 200; raise after ``timeout_s`` or once ``alive()`` (a
+    server process we started) says it died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _request(f"{base_url}/health", timeout=5)
+            return
+        except ServerError as error:
+            if not alive():
+                raise ServerError(f"the vLLM server for {base_url} exited") from None
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"no vLLM server at {base_url} after {timeout_s:.0f} s ({error})"
+                ) from None
+            time.sleep(poll_s)
+
+
+class ServerEngine:
+    """The RolloutEngine protocol over HTTP to a vLLM server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        tokenizer,
+        mode: ServerMode = "nccl",
+        sync_dir: str | None = None,
+        tie_word_embeddings: bool = True,
+        lora_scaling: float | None = None,
+        connect_timeout_s: float = 60,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.tie_word_embeddings = tie_word_embeddings
+        self.lora_scaling = lora_scaling
+        self.policy_version = 0
+        self._client = None  # TRL's VLLMClient, for mode "nccl"
+        wait_for_server(self.base_url, connect_timeout_s)
+        self.model = _request(f"{self.base_url}/v1/models")["data"][0]["id"]
+        if mode == "nccl" and not torch.cuda.is_available():
+            raise ServerError(
+                "rollout.server_mode=nccl: the weight broadcast runs on NCCL and needs CUDA on the "
+                "trainer; on CPU use server_mode=reload (shared disk) or frozen (evaluation)"
+            )
+        self.sync_dir = Path(sync_dir) if sync_dir else _default_sync_dir()
+
+    # -------------------------------------------------------------- generation
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSettings) -> list[Rollout]:
+        greedy = sampling.temperature == 0
+        payload = {
+            "model": self.model,
+            "prompt": [list(p.ids) for p in prompts],
+            "n": n,
+            "temperature": 0.0 if greedy else sampling.temperature,
+            "top_p": 1.0 if greedy else sampling.top_p,
+            "top_k": 0 if greedy else sampling.top_k,
+            "max_tokens": sampling.max_tokens,
+            "stop": list(sampling.stop) or None,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        choices = _request(f"{self.base_url}/v1/completions", payload)["choices"]
+        choices = sorted(choices, key=lambda c: c["index"])  # prompt-major: i * n + j
+        if len(choices) != len(prompts) * n:
+            raise ServerError(f"asked for {len(prompts) * n} completions, got {len(choices)}")
+        return [self._rollout(prompts[i // n], choice) for i, choice in enumerate(choices)]
+
+    def _rollout(self, prompt: Prompt, choice: dict[str, Any]) -> Rollout:
+        ids = list(choice["token_ids"])
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+        finish: FinishReason = "stop" if choice.get("finish_reason") == "stop" else "length"
+        return Rollout(
+            prompt=prompt,
+            completion_ids=ids,
+            completion=self.tokenizer.decode(ids, skip_special_tokens=True),
+            sampler_logps=[float(x) for x in logprobs] if logprobs is not None else None,
+            finish_reason=finish,
+            policy_version=self.policy_version,
+        )
+
+    # -------------------------------------------------------------- weights
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        weights = vllm_named_tensors(named_tensors, self.tie_word_embeddings, self.lora_scaling)
+        if self.mode == "frozen":
+            raise ServerError(
+                "rollout.server_mode=frozen: this server never receives new weights, so it can "
+                "evaluate a fixed model but not sample for training; use nccl or reload"
+            )
+        if self.mode == "reload":
+            self._reload_from_disk(weights)
+        else:
+            self._broadcast(weights)
+        self.policy_version = version
+
+    def _reload_from_disk(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        tensors, seen = {}, set()
+        for name, tensor in weights:
+            tensor = tensor.detach().to("cpu").contiguous()
+            if tensor.data_ptr() in seen:  # tied lm_head: safetensors refuses shared storage
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor
+        self.sync_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.sync_dir / "model.safetensors.partial"
+        save_file(tensors, str(partial))
+        os.replace(partial, self.sync_dir / "model.safetensors")  # never half a file
+        _request(
+            f"{self.base_url}/collective_rpc",
+            {"method": "reload_weights", "kwargs": {"weights_path": str(self.sync_dir)}},
+        )
+        self.reset_prefix_cache()
+
+    def _broadcast(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """TRL's NCCL broadcast (``VLLMClient.update_named_params``), grouped into one update."""
+        if self._client is None:
+            from trl.generation.vllm_client import VLLMClient
+
+            self._client = VLLMClient(base_url=self.base_url, connection_timeout=60)
+            self._client.init_communicator(device=torch.cuda.current_device())
+        weights = [(name, tensor.detach()) for name, tensor in weights]
+        metadata = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in weights]
+        with self._client.weight_update():
+            self._client.update_named_params(metadata, iter(weights))
+        self._client.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        _request(f"{self.base_url}/reset_prefix_cache", {})
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close_communicator()
+            self._client = None
+
+
+def _default_sync_dir() -> Path:
+    from rl.models import cache_dir
+
+    return cache_dir() / "weight-sync" / str(os.getpid())

@@ -1,0 +1,154 @@
+"""Server mode on this machine: a CPU ``vllm serve`` on 127.0.0.1 with the tiny model.
+
+What runs here: a generation round trip, and a weight update round trip through
+``server_mode=reload`` (safetensors in a shared folder + the dev-mode ``/collective_rpc``
+``reload_weights``). TRL's NCCL broadcast (``server_mode=nccl``) needs CUDA and is not tested.
+The server starts in 40-90 s on 2 cores (multi-process, eager), hence ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rl.batch import collate, completion_logps
+from rl.models import load_policy, load_tokenizer, resolve_model
+from rollouts.base import SamplingSettings
+from rollouts.record import Prompt
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+LOGP_TOLERANCE = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return resolve_model("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(folder):
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    """``vllm serve`` as ``trl vllm-serve`` starts it, minus the NCCL weight-transfer engine."""
+    from rollouts.server import wait_for_server
+
+    port = free_port()
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("LD_PRELOAD", None)
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    command = [
+        sys.executable,
+        "-m",  # `vllm serve` (and so `trl vllm-serve`) dies on vllm-cpu: no "vllm" dist metadata
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--generation-config",
+        "vllm",
+    ]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout_s=240, alive=lambda: process.poll() is None)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[Prompt]:
+    out = []
+    for index, question in enumerate(["What is 7 + 5?", "Ana has 3 apples."]):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+        )
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        out.append(Prompt(index, question, list(ids), {}))
+    return out
+
+
+def gap_to_trainer(model, rollouts, pad_id: int) -> float:
+    """Largest |trainer - server| log-prob of greedy samples (greedy: temperature 1 scores)."""
+    batch = collate(rollouts, pad_id)
+    with torch.no_grad():
+        logps, _ = completion_logps(model, batch, 1.0)
+    mask = batch.completion_mask.bool()
+    return float((logps - batch.sampler_logps).abs()[mask].max())
+
+
+def test_generation_round_trip(server, tokenizer, prompts):
+    from rollouts.server import ServerEngine
+
+    engine = ServerEngine(server, tokenizer, mode="frozen")
+    rollouts = engine.generate(prompts, 3, SamplingSettings(temperature=1.0, max_tokens=16))
+    assert [r.group for r in rollouts] == [0, 0, 0, 1, 1, 1]
+    for rollout in rollouts:
+        assert 1 <= len(rollout.completion_ids) <= 16
+        assert len(rollout.sampler_logps) == len(rollout.completion_ids)
+        assert rollout.completion == tokenizer.decode(
+            rollout.completion_ids, skip_special_tokens=True
+        )
+        if rollout.finish_reason == "stop":
+            assert rollout.completion_ids[-1] == tokenizer.eos_token_id
+
+
+def test_weight_update_round_trip_by_reload(server, tokenizer, prompts, folder, tmp_path):
+    from rollouts.server import ServerEngine
+
+    engine = ServerEngine(server, tokenizer, mode="reload", sync_dir=str(tmp_path))
+    greedy = SamplingSettings(temperature=0.0, max_tokens=12)
+    model = load_policy(folder, "float32").eval()
+    assert (
+        gap_to_trainer(model, engine.generate(prompts, 1, greedy), tokenizer.pad_token_id)
+        < LOGP_TOLERANCE
+    )
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    stale = engine.generate(prompts, 1, greedy)
+    assert gap_to_trainer(model, stale, tokenizer.pad_token_id) > 0.05
+
+    engine.update_weights(model.named_parameters(), version=1)
+    fresh = engine.generate(prompts, 1, greedy)
+    assert gap_to_trainer(model, fresh, tokenizer.pad_token_id) < LOGP_TOLERANCE
+    assert all(r.policy_version == 1 for r in fresh)
+
+
+def test_frozen_server_refuses_weights(server, tokenizer, folder):
+    from rollouts.server import ServerEngine, ServerError
+
+    engine = ServerEngine(server, tokenizer, mode="frozen")
+    with pytest.raises(ServerError, match="frozen"):
+        engine.update_weights(load_policy(folder, "float32").named_parameters(), version=1)
