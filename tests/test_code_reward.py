@@ -9,8 +9,8 @@ import pytest
 
 from rewards import get_reward
 from rewards.code import reward as code
-from rewards.code.harness import decode, encode
 from rewards.code.sandbox import RunResult, SandboxUnavailableError
+from rewards.code.wire import decode, encode
 
 needs_bwrap = pytest.mark.skipif(
     shutil.which("bwrap") is None,

@@ -40,7 +40,11 @@ from typing import Any, Protocol
 
 from rewards.code.seccomp import namespace_filter
 
-HARNESS_SOURCE = (Path(__file__).parent / "harness.py").read_text()
+# One self-contained program: the wire format, then the harness (whose import of it fails
+# harmlessly in the sandbox, where there is no `rewards` package).
+HARNESS_SOURCE = "\n".join(
+    (Path(__file__).parent / name).read_text() for name in ("wire.py", "harness.py")
+)
 
 INSTALL_HINT = (
     "the `code` reward runs model-written code only inside bubblewrap, which is not installed. "
