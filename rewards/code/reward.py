@@ -3,7 +3,8 @@
 Tests (the ``tests`` column: a dict, or a JSON string of one) come in three forms:
 
 * ``{"type": "stdio", "cases": [{"input": "...", "output": "..."}]}``: APPS / CodeContests.
-* ``{"type": "function", "entry_point": "f", "cases": [{"args": [...], "expected": ...}]}``.
+* ``{"type": "function", "entry_point": "f", "cases": [{"args": [...], "expected": ...}]}``
+  (a case may add ``"kwargs": {...}``); the result is compared as JSON, tuples as lists.
 * ``{"type": "assert", "entry_point": "f", "code": "def check(candidate): ...",
   "prelude": "..."}``: HumanEval / MBPP. ``prelude`` (optional) runs before the candidate's
   code and before the check code, e.g. HumanEval's prompt with its imports and helpers.
@@ -227,9 +228,19 @@ def code_reward(
     log_metric: Callable[[str, float], None] | None = None,
     **_: Any,
 ) -> list[float | None]:
-    """Fraction of the row's `tests` the last code block passes, run in a sandbox (1/0 if binary)."""
+    """Fraction of the row's `tests` the last code block passes, run in a sandbox (1/0 if binary).
+
+    Rows without tests score None; a completion without a code block, or whose run failed in
+    any way (timeout, crash, sandbox error), scores 0 for the cases it did not pass. The one
+    exception raised is :class:`SandboxUnavailableError`, on the first call, when bubblewrap
+    is missing and ``sandbox`` was not set to ``remote`` or ``unsafe-local``: a configuration
+    error, which must stop the run rather than train on unsandboxed or missing rewards.
+    Per-case marks (P pass, F fail, T timeout, E no report) go to ``log_extra("code_tests")``.
+    """
     if tests is None:
         return [None] * len(completions)
+    if isinstance(language, list):  # a dataset column named `language`, not our option
+        language = "python"
     limits = Limits(timeout_s=timeout, total_timeout_s=total_timeout, address_space_mb=memory_mb)
     backend = make_backend(sandbox, limits, remote_url, remote_concurrency)
     specs = [parse_tests(spec) for spec in tests]

@@ -11,14 +11,14 @@ bubblewrap, started by root (the usual case on a training box):
   interpreter's prefix read-only at ``/opt/python``, fresh ``/proc`` and ``/dev``, and a private
   size-capped ``/tmp``: no ``/etc``, ``/root``, ``/work``, ``/home``, nor other runs' files;
 * all capabilities dropped but SETUID/SETGID/KILL, which the driver needs to start the checker
-  and the candidate under two uids of their own (a pair no other run of this process holds
-  at the same time, so RLIMIT_NPROC,
-  which the kernel counts per uid and never applies to root, bounds this run only);
+  and the candidate under two uids of their own, a pair no other run of this process holds at
+  the same time, so RLIMIT_NPROC (counted per uid, never applied to root) bounds this run only;
 * a seccomp filter (:mod:`rewards.code.seccomp`) against new namespaces from inside;
 * an empty environment (no ``LD_PRELOAD`` from vLLM) and rlimits set by the harness.
 
-Started by another user, bubblewrap makes a user namespace instead; everything above holds
-except the uid split (the candidate shares the checker's uid, which non-dumpable protects).
+Started by another user, bubblewrap makes a user namespace instead (with ``--disable-userns``);
+everything above holds except the uid split: the candidate shares the checker's uid, which
+non-dumpable protects, and RLIMIT_NPROC then counts all of that user's processes.
 """
 
 from __future__ import annotations
