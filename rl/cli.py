@@ -110,6 +110,31 @@ def _parser() -> argparse.ArgumentParser:
         description="List every built-in reward and those from the 'aha.rewards' entry-point group.",
     )
 
+    plot = commands.add_parser(
+        "plot",
+        help="PNG plots of runs' metrics (several runs overlaid)",
+        description=(
+            "Plot reward (total and per function), held-out accuracy, response length, KL, "
+            "entropy, clip fraction and step timings from each RUN_DIR/metrics.jsonl, runs "
+            "overlaid: one PNG per panel and overview.png."
+        ),
+        epilog="example: aha plot runs/grpo-1 runs/dapo-1 --out plots/compare",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
+    plot.add_argument("--out", default=None, help="output folder (default FIRST_RUN_DIR/plots)")
+
+    view = commands.add_parser(
+        "view",
+        help="an HTML page of a run's sampled rollouts",
+        description=(
+            "Write RUN_DIR/view.html: samples.jsonl by step (prompt, completion with its "
+            "<think> reasoning folded, reward per function, advantage), filtered by step and "
+            "reward in the page. Self-contained: no network, opens from disk."
+        ),
+    )
+    view.add_argument("run_dir", metavar="RUN_DIR", help="a run folder")
+    view.add_argument("--out", default=None, help="output file (default RUN_DIR/view.html)")
+
     commands.add_parser(
         "tasks",
         help="list the built-in datasets and tasks",
@@ -168,6 +193,23 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, description in list_rewards().items():
                 print(f"{name:24} {description}")
+            return 0
+        if args.command == "plot":
+            from rl.plot import plot_runs
+
+            try:
+                written = plot_runs(args.run_dirs, args.out)
+            except FileNotFoundError as error:  # not a run folder: one line, no traceback
+                return _fail(str(error))
+            print("\n".join(str(path) for path in written) or "no metrics to plot")
+            return 0
+        if args.command == "view":
+            from rl.view import write_view
+
+            try:
+                print(write_view(args.run_dir, args.out))
+            except FileNotFoundError as error:
+                return _fail(str(error))
             return 0
         if args.command == "tasks":
             from rl.tasks import list_tasks

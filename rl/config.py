@@ -67,6 +67,7 @@ class DataConfig:
     eval_dataset: str | None = None  # None: the same dataset's eval_split
     eval_split: str = "test"
     eval_size: int = 100  # held-out prompts scored before and after training (0 = none)
+    eval_every: int = 0  # also evaluate every N steps during training (0 = only before and after)
     prompt_column: str = "prompt"
     answer_column: str = "answer"  # renamed to `answer` for the rewards
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the task's own, else no system turn
@@ -135,6 +136,9 @@ class AlgorithmConfig:
     max_sampling_rounds: int = 3  # dynamic sampling: extra generation rounds at most per step
     mask_truncated: bool = False  # leave completions cut at max_tokens out of the loss
     reward_timeout_s: float = 60.0  # a reward call that takes longer scores 0 for the batch
+    # A reward that raises, returns the wrong count or times out: "zero" scores it 0 for the batch
+    # and counts it in reward/<name>/errors; "stop" ends the run with one line naming reward and row.
+    reward_error_policy: Literal["zero", "stop"] = "zero"
 
 
 @dataclass
@@ -160,6 +164,20 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # Experiment trackers fed the same metrics as metrics.jsonl, and sample tables where the
+    # backend has them. tensorboard writes RUN_DIR/tensorboard; wandb, mlflow and trackio are
+    # optional extras (pip install "aha[tracking]").
+    backends: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    project: str = "aha"  # the wandb/trackio project, the MLflow experiment
+    run_name: str | None = None  # None: the run folder's name
+    offline: bool = True  # wandb offline mode (`wandb sync` later); trackio stays local
+    mlflow_uri: str | None = None  # None: a file store in RUN_DIR/mlruns
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +187,7 @@ class Config:
     )
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str | None = None  # None: runs/<config name>-<time>
     resume: str | None = None  # a run folder: continue from its last checkpoint
 

@@ -4,5 +4,6 @@ from rewards.registry import UnknownRewardError
 from rl.config import ConfigError
 from rl.data import DataError
 from rl.models import ModelNotFoundError
+from rl.scoring import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, UnknownRewardError)
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, UnknownRewardError, RewardError)

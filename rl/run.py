@@ -76,8 +76,12 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
     if resuming and checkpoint is None:
         raise ConfigError(f"resume: {run_dir} has no complete checkpoint to resume from")
     save_config(config, run_dir / "config.yaml")
+    from rl.tracking import check_installed, open_trackers
+
+    check_installed(config.tracking)  # a missing tracker package fails before the model loads
 
     parts = setup.build(config, checkpoint)
+    tracker = open_trackers(config, run_dir)
     trainer = parts.trainer
     eval_before = eval_after = None
     if checkpoint is not None:
@@ -92,7 +96,7 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
             _truncate_log(run_dir / log, trainer.step)
         print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
     elif parts.eval_prompts:
-        eval_before = _evaluate(trainer, parts.eval_prompts, run_dir, "before training")
+        eval_before = _evaluate(trainer, parts.eval_prompts, run_dir, "before training", tracker)
 
     stream = batches(
         parts.train_prompts,
@@ -108,9 +112,14 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
         metrics["timing_s/step"] = time.perf_counter() - clock
         metrics["perf/throughput"] = metrics["tokens"] / metrics["timing_s/step"]
         _append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **metrics})
+        tracker.log(metrics, trainer.step)
         if trainer.step % config.train.sample_log_every == 0:
-            for sample in trainer.samples[: config.train.samples_per_log]:
-                _append_json(run_dir / "samples.jsonl", {"step": trainer.step, **sample})
+            logged = [
+                {"step": trainer.step, **s} for s in trainer.samples[: config.train.samples_per_log]
+            ]
+            for sample in logged:
+                _append_json(run_dir / "samples.jsonl", sample)
+            tracker.log_samples(logged, trainer.step)
         last = trainer.step == config.train.steps
         if last or (config.train.save_every and trainer.step % config.train.save_every == 0):
             save_checkpoint(
@@ -125,7 +134,7 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
             )
         every = config.data.eval_every
         if parts.eval_prompts and every and trainer.step % every == 0 and not last:
-            _evaluate(trainer, parts.eval_prompts, run_dir, f"at step {trainer.step}")
+            _evaluate(trainer, parts.eval_prompts, run_dir, f"at step {trainer.step}", tracker)
         bar.update(1)
         bar.set_postfix(
             reward=f"{metrics['reward/mean']:.3f}",
@@ -135,8 +144,9 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
     bar.close()
 
     if parts.eval_prompts:
-        eval_after = _evaluate(trainer, parts.eval_prompts, run_dir, "after training")
+        eval_after = _evaluate(trainer, parts.eval_prompts, run_dir, "after training", tracker)
     trainer.engine.close()
+    tracker.close()
     summary = RunSummary(run_dir, trainer.step, eval_before, eval_after, time.time() - started)
     (run_dir / "summary.json").write_text(
         json.dumps(
@@ -149,11 +159,22 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
             indent=2,
         )
     )
+    _write_plots(run_dir)
     print_summary(summary, run_dir)
     return summary
 
 
-def _evaluate(trainer, prompts, run_dir: Path, when: str) -> dict[str, float]:
+def _write_plots(run_dir: Path) -> None:
+    """RUN_DIR/plots/*.png; a plotting failure is a warning, never a failed run."""
+    try:
+        from rl.plot import plot_runs
+
+        plot_runs([run_dir], run_dir / "plots")
+    except Exception as error:  # noqa: BLE001 - the run itself is done and saved
+        print(f"warning: could not write plots ({type(error).__name__}: {error})", file=sys.stderr)
+
+
+def _evaluate(trainer, prompts, run_dir: Path, when: str, tracker=None) -> dict[str, float]:
     """Greedy held-out accuracy with the training rewards, logged as eval/* at this step."""
     from rl.evaluate import evaluate
     from rollouts.base import SamplingSettings
@@ -167,10 +188,10 @@ def _evaluate(trainer, prompts, run_dir: Path, when: str) -> dict[str, float]:
         greedy,
         batch_size=trainer.config.rollout.batch_size,
     ).metrics
-    _append_json(
-        run_dir / "metrics.jsonl",
-        {"step": trainer.step, **{f"eval/{k}": v for k, v in metrics.items()}},
-    )
+    record = {f"eval/{k}": v for k, v in metrics.items()}
+    _append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **record})
+    if tracker is not None:
+        tracker.log(record, trainer.step)
     print(f"  held-out accuracy {when}: {metrics['accuracy']:.3f}", flush=True)
     return metrics
 

@@ -2,7 +2,8 @@
 
 A reward that raises, returns the wrong number of scores or takes longer than the timeout
 scores 0 for that call and is counted (``reward/<name>/errors``) and reported once with the
-reward's name and the first row; it never stops the run.
+reward's name and the first row; the run goes on. With ``on_error="stop"``
+(``algorithm.reward_error_policy``) it raises :class:`RewardError` instead, naming both.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rewards import RewardFn
 from rollouts.record import Rollout
@@ -25,6 +26,11 @@ class WeightedReward:
     fn: RewardFn
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    on_error: Literal["zero", "stop"] = "zero"  # algorithm.reward_error_policy
+
+
+class RewardError(RuntimeError):
+    """A reward failed under ``reward_error_policy: stop``; the message names reward and row."""
 
 
 @dataclass
@@ -85,7 +91,7 @@ def score(
             "log_metric": lambda n, v: log.metrics[n].append(v),
         }
         future = _POOL.submit(reward.fn, **kwargs)
-        failed = False
+        failed = ""
         try:
             scores = future.result(timeout=timeout_s)
             if not isinstance(scores, list | tuple) or len(scores) != len(rollouts):
@@ -93,16 +99,17 @@ def score(
                 raise ValueError(f"returned {got} scores for {len(rollouts)} completions")
             scores = [None if s is None else float(s) for s in scores]
         except concurrent.futures.TimeoutError:
-            failed = True
-            _report_once(reward.name, f"took longer than algorithm.reward_timeout_s={timeout_s}")
+            failed = f"took longer than algorithm.reward_timeout_s={timeout_s}"
         except Exception as error:
-            failed = True
             row = {k: v[0] for k, v in inputs.items() if k not in ("completion_ids",)}
-            detail = "".join(traceback.format_exception_only(error)).strip()
-            _report_once(
-                reward.name, f"raised {detail} on a batch whose first row is {str(row)[:300]}"
+            detail = " ".join("".join(traceback.format_exception_only(error)).split())
+            failed = f"raised {detail} on a batch whose first row is {str(row)[:300]}"
+        if failed and reward.on_error == "stop":
+            raise RewardError(
+                f"reward {reward.name!r} {failed} (algorithm.reward_error_policy=stop)"
             )
         if failed:
+            _report_once(reward.name, failed)
             scores = [0.0] * len(rollouts)
         metrics[f"reward/{reward.name}/errors"] = float(len(rollouts) if failed else 0)
         applicable = [s for s in scores if s is not None and not math.isnan(s)]

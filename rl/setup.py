@@ -27,7 +27,13 @@ def build_rewards(config: Config) -> list[WeightedReward]:
     from rewards import get_reward
 
     return [
-        WeightedReward(spec.name, get_reward(spec.name), spec.weight, dict(spec.options))
+        WeightedReward(
+            spec.name,
+            get_reward(spec.name),
+            spec.weight,
+            dict(spec.options),
+            on_error=config.algorithm.reward_error_policy,
+        )
         for spec in config.rewards
     ]
 

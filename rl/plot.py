@@ -1,0 +1,138 @@
+"""PNG plots of one or more runs' metrics.jsonl, runs overlaid: ``aha plot RUN_DIR ...``.
+
+One PNG per panel (reward, reward per function, held-out accuracy, response length, KL, entropy,
+clip fraction, step timings) and ``overview.png`` with every panel that has data. Uses
+matplotlib's object API on the Agg canvas, so it never needs a display or touches pyplot's
+global state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot: the metric keys it draws (regular expressions matched in full)."""
+
+    file: str
+    title: str
+    patterns: tuple[str, ...]
+    ylabel: str = ""
+
+
+PANELS = (
+    Panel("reward.png", "Reward (total)", (r"reward/mean",), "reward"),
+    Panel(
+        "reward_functions.png", "Reward per function", (r"reward/(?!mean$|std$).+/mean",), "reward"
+    ),
+    Panel("eval_accuracy.png", "Held-out accuracy", (r"eval/accuracy",), "accuracy"),
+    Panel("response_length.png", "Response length", (r"response_length/(mean|max)",), "tokens"),
+    Panel("kl.png", "KL to the reference", (r"kl",), "KL"),
+    Panel("entropy.png", "Entropy", (r"entropy",), "nats / token"),
+    Panel("clip_fraction.png", "Clip fraction (policy ratio)", (r"clip_ratio/.+",), "fraction"),
+    Panel("truncated.png", "Truncated at max_tokens", (r"response_length/clip_ratio",), "fraction"),
+    Panel("timing.png", "Step timings", (r"timing_s/.+",), "seconds"),
+)
+
+
+def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl of a run folder as a list of records (training and eval lines)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run folder?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, skipping lines without it and non-finite values."""
+    points = [
+        (r["step"], float(r[key]))
+        for r in records
+        if isinstance(r.get(key), int | float) and math.isfinite(r[key])
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def panel_keys(panel: Panel, records: list[dict[str, Any]]) -> list[str]:
+    """The metric keys of these records that the panel draws, in first-seen order."""
+    seen: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            if any(re.fullmatch(p, key) for p in panel.patterns):
+                seen.setdefault(key)
+    return list(seen)
+
+
+def _short(key: str) -> str:
+    """reward//a/b/rewards.py:fn/mean -> reward/rewards.py:fn/mean: legends stay readable."""
+    return re.sub(r"/[^:]*/([^/:]+\.py:)", r"/\1", key)
+
+
+def _draw(ax, panel: Panel, runs: dict[str, list[dict[str, Any]]]) -> bool:
+    """Draw the panel's lines on `ax`; False when no run has data for it."""
+    from matplotlib.ticker import MaxNLocator
+
+    drawn = False
+    for run_name, records in runs.items():
+        for key in panel_keys(panel, records):
+            steps, values = series(records, key)
+            if not steps:
+                continue
+            label = _short(key) if len(runs) == 1 else f"{run_name}: {_short(key)}"
+            ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, ms=3, label=label)
+            drawn = True
+    if drawn:
+        ax.set_title(panel.title)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return drawn
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
+    """Write one PNG per panel with data, and overview.png, into `out` (default: the first
+    run's plots/ folder). Returns the files written."""
+    from matplotlib.figure import Figure
+
+    run_paths = [Path(r) for r in run_dirs]
+    out_dir = Path(out) if out is not None else run_paths[0] / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = _named_runs(run_paths)
+    written = []
+    with_data = []
+    for panel in PANELS:
+        figure = Figure(figsize=(7, 4.5), layout="constrained")
+        if _draw(figure.add_subplot(), panel, runs):
+            figure.savefig(out_dir / panel.file, dpi=100)
+            written.append(out_dir / panel.file)
+            with_data.append(panel)
+    if with_data:
+        columns = min(3, len(with_data))
+        rows = math.ceil(len(with_data) / columns)
+        figure = Figure(figsize=(6 * columns, 4 * rows), layout="constrained")
+        for i, panel in enumerate(with_data):
+            _draw(figure.add_subplot(rows, columns, i + 1), panel, runs)
+        figure.suptitle(", ".join(runs))
+        figure.savefig(out_dir / "overview.png", dpi=80)
+        written.append(out_dir / "overview.png")
+    return written
+
+
+def _named_runs(run_paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Each run's records under a short unique label (its folder name, or more of its path)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for i, path in enumerate(run_paths):
+        name = path.resolve().name
+        if name in runs:
+            name = f"{path} [{i + 1}]"
+        runs[name] = load_metrics(path)
+    return runs
