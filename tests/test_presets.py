@@ -52,3 +52,11 @@ def test_preset_runs_two_steps_on_the_tiny_model(preset, tmp_path):
         assert ("kl" in metrics) == (config.algorithm.beta > 0)
         if config.algorithm.dynamic_sampling:
             assert metrics["sampling/rounds"] >= 1 and "sampling/frac_groups_dropped" in metrics
+
+
+def test_learning_benchmark_help():
+    from rl.benchmarks import learning
+
+    with pytest.raises(SystemExit) as exit_info:
+        learning.main(["--help"])
+    assert exit_info.value.code == 0
