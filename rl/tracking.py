@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -125,6 +126,10 @@ class MlflowTracker:
     (``mlflow ui --backend-store-uri RUN_DIR/mlruns``). Samples as JSON table artifacts."""
 
     def __init__(self, run_dir: Path, config: Config) -> None:
+        if config.tracking.mlflow_uri is None:
+            # MLflow 3 keeps the file store in maintenance and refuses it without this opt-in;
+            # it is still the one store that needs no database packages and lives in the run.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         import mlflow
 
         self.mlflow = mlflow
@@ -253,7 +258,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _mlflow_key(key: str) -> str:
-    return re.sub(r"[^\w.\- /]", "_", key)
+    """A name MLflow accepts: only [\\w.- /], and no "//" (it treats names as file paths)."""
+    return re.sub(r"/+", "/", re.sub(r"[^\w.\- /]", "_", key)).strip("/")
 
 
 def _cell(value: Any) -> str:
