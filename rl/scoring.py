@@ -60,6 +60,17 @@ def _number(value: float | None) -> float:
     return 0.0 if value is None or math.isnan(value) else value
 
 
+def _first_row(rollouts: list[Rollout]) -> str:
+    """The batch's first sample in one short line: the user turn (not the long system prompt),
+    the completion and the dataset columns, each cut to 80 characters."""
+    first = rollouts[0]
+    messages = first.prompt.messages
+    prompt = messages[-1]["content"] if isinstance(messages, list) else messages
+    row = {"prompt": prompt, "completion": first.completion}
+    row.update({k: v for k, v in first.prompt.row.items() if k not in row})
+    return str({k: v[:80] if isinstance(v, str) else v for k, v in row.items()})[:400]
+
+
 def reward_inputs(rollouts: list[Rollout]) -> dict[str, Any]:
     """TRL's reward keyword arguments for these rollouts: prompts, completions (as chat messages
     when the prompts are), completion_ids and one list per dataset column."""
@@ -101,9 +112,8 @@ def score(
         except concurrent.futures.TimeoutError:
             failed = f"took longer than algorithm.reward_timeout_s={timeout_s}"
         except Exception as error:
-            row = {k: v[0] for k, v in inputs.items() if k not in ("completion_ids",)}
             detail = " ".join("".join(traceback.format_exception_only(error)).split())
-            failed = f"raised {detail} on a batch whose first row is {str(row)[:300]}"
+            failed = f"raised {detail} on a batch whose first row is {_first_row(rollouts)}"
         if failed and reward.on_error == "stop":
             raise RewardError(
                 f"reward {reward.name!r} {failed} (algorithm.reward_error_policy=stop)"
