@@ -30,10 +30,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    enabled: bool = False  # train a LoRA adapter instead of all weights
+    r: int = 16  # adapter rank
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter's input
+    # modules that get adapters (the Llama/Qwen projection names)
     target_modules: list[str] = field(
         default_factory=lambda: [
             "q_proj",
@@ -55,7 +56,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = (
         "float32"  # fp32 is faster on CPUs without bf16 units
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -63,12 +64,12 @@ class ModelConfig:
 class DataConfig:
     # A built-in task (see `aha tasks`), a local .jsonl/.json/.parquet/.csv file, or a hub id.
     dataset: str = "arithmetic"
-    split: str = "train"
+    split: str = "train"  # dataset split to train on
     eval_dataset: str | None = None  # None: the same dataset's eval_split
-    eval_split: str = "test"
+    eval_split: str = "test"  # split for the held-out evaluation
     eval_size: int = 100  # held-out prompts scored before and after training (0 = none)
     eval_every: int = 0  # also evaluate every N steps during training (0 = only before and after)
-    prompt_column: str = "prompt"
+    prompt_column: str = "prompt"  # the column holding the question (text or chat messages)
     answer_column: str = "answer"  # renamed to `answer` for the rewards
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the task's own, else no system turn
     task_options: dict[str, Any] = field(default_factory=dict)  # passed to a built-in task's loader
@@ -77,13 +78,13 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["transformers", "vllm"] = "transformers"
+    engine: Literal["transformers", "vllm"] = "transformers"  # what generates rollouts
     group_size: int = 8  # G: completions per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 128
-    stop: list[str] = field(default_factory=list)
+    temperature: float = 1.0  # sampling temperature (> 0)
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 128  # completion cap; cut ones count in response_length/clip_ratio
+    stop: list[str] = field(default_factory=list)  # extra stop strings (EOS always stops)
     batch_size: int = 64  # sequences per generate() call in the transformers engine
     # vLLM (engine: vllm). Colocated: an in-process vLLM on the trainer's machine, unless
     # server_url is set: then rollouts come from a running vLLM server (see server_mode).
@@ -104,7 +105,7 @@ class RolloutConfig:
 @dataclass
 class RewardSpec:
     name: str = "math"  # registry name, an `aha.rewards` entry point, or path/to/file.py:function
-    weight: float = 1.0
+    weight: float = 1.0  # this reward's weight in the total
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the function
 
 
@@ -113,16 +114,17 @@ class AlgorithmConfig:
     # The GRPO family (rl/algorithms); each name is a registry key. configs/{grpo,dr_grpo,dapo,
     # gspo,cispo}.yaml set these as each paper does.
     advantage: str = "grpo"  # grpo, dr_grpo, rloo
+    # Divide advantages by the group's reward std, the batch's, or not at all (Dr. GRPO).
     scale_rewards: Literal["group", "batch", "none"] = "group"
     policy_loss: str = "clip"  # clip (PPO/GRPO/DAPO), gspo, cispo
     loss_aggregation: str = (
         "seq_mean_token_mean"  # seq_mean_token_mean, token_mean, token_sum_norm, bnpo
     )
-    epsilon_low: float = 0.2
+    epsilon_low: float = 0.2  # PPO clip: the ratio's lower bound is 1 - this
     epsilon_high: float = 0.2  # DAPO's clip-higher: 0.28; CISPO: the weight's cap is 1 + this
     clip_ratio_c: float | None = None  # dual clip (Ye et al. 2020): cap at c*|A| for A < 0; > 1
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman's KL estimators; k3 as in GRPO
     epochs: int = 1  # mu: passes over each generation batch
     # Behaviour log-probs for the ratio: "trainer" (recomputed before the first update, or the
     # current ones detached when exactly on-policy) or "sampler" (the rollout engine's).
@@ -143,23 +145,23 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 30
+    steps: int = 30  # training steps (one generation batch each)
     prompts_per_step: int = 4  # generation batch = prompts_per_step * group_size completions
     # Sequences per optimizer step; 0 = the whole generation batch (one step per generation).
     # Smaller values split each generation batch into mini-batches (several optimizer steps).
     mini_batch_size: int = 0
     micro_batch_size: int = 8  # sequences per forward/backward
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-5  # AdamW peak learning rate
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # stepped once per step
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    warmup_steps: int = 0  # linear warm-up from 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
+    max_grad_norm: float = 1.0  # clip gradients to this global norm
+    seed: int = 0  # prompt order and sampling
     save_every: int = 10  # steps between checkpoints (the last step always saves; 0 = only last)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     sample_log_every: int = 1  # steps between samples.jsonl entries
-    samples_per_log: int = 8
+    samples_per_log: int = 8  # rollouts written per logged step
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
@@ -182,6 +184,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Reward functions summed with their weights; the first is the eval accuracy's grader.
     rewards: list[RewardSpec] = field(
         default_factory=lambda: [RewardSpec("math", 1.0), RewardSpec("format", 0.2)]
     )
