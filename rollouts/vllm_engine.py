@@ -72,13 +72,6 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _available_ram_gb() -> float:
     try:
         with open("/proc/meminfo") as handle:
