@@ -19,12 +19,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PIP" install -q --upgrade pip
 fi
 
-# bubblewrap isolates generated code in the code reward (Debian/Ubuntu; root or sudo).
-if ! command -v bwrap >/dev/null 2>&1; then
-    log "installing bubblewrap"
+# System packages (Debian/Ubuntu; root or sudo): bubblewrap isolates generated code in the
+# code reward; chromium renders `aha view` pages in the tests (test set-up only).
+APT_PACKAGES=()
+command -v bwrap >/dev/null 2>&1 || APT_PACKAGES+=(bubblewrap)
+if [ "${1:-}" = test ] && ! command -v chromium >/dev/null 2>&1; then APT_PACKAGES+=(chromium); fi
+if [ ${#APT_PACKAGES[@]} -gt 0 ]; then
+    log "installing ${APT_PACKAGES[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq bubblewrap) \
-        || echo "warning: could not install bubblewrap; the code reward will refuse to run code" >&2
+    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${APT_PACKAGES[@]}") \
+        || echo "warning: could not install ${APT_PACKAGES[*]}; the code reward refuses to run code without bubblewrap" >&2
 fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
