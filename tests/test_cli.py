@@ -49,6 +49,7 @@ def test_config_prints_resolved_yaml():
         (["rewards.0.name=not_a_reward"], "unknown reward 'not_a_reward'"),
         (["data.dataset=/no/such/data.jsonl"], "does not exist"),
         (["data.dataset={bad}/rows.jsonl"], "row 0 has no 'answer' column"),
+        (["model.name=someone/not-cached-model"], "offline"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, message):
