@@ -154,10 +154,15 @@ class ServerEngine:
                 "rollout.server_mode=frozen: this server never receives new weights, so it can "
                 "evaluate a fixed model but not sample for training; use nccl or reload"
             )
-        if self.mode == "reload":
-            self._reload_from_disk(weights)
-        else:
-            self._broadcast(weights)
+        # Data-parallel training (accelerate launch): every rank holds the same weights and
+        # samples from the one server, so rank 0 pushes and the others wait for it.
+        if int(os.environ.get("RANK", "0")) == 0:
+            if self.mode == "reload":
+                self._reload_from_disk(weights)
+            else:
+                self._broadcast(weights)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         self.policy_version = version
 
     def _reload_from_disk(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
