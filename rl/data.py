@@ -133,3 +133,36 @@ def batches(
             for i, j in enumerate(chosen)
         ]
         batch += 1
+
+
+def load_prompts(
+    dataset: str,
+    split: str,
+    tokenizer,
+    data_config,
+    needed_columns: list[str],
+    seed: int,
+    limit: int | None = None,
+) -> list[Prompt]:
+    """Rows of ``dataset``/``split`` checked for the columns the rewards read and rendered as
+    prompts with the dataset's system prompt. ``data_config`` is the config's ``data`` section."""
+    options = data_config.task_options if dataset == data_config.dataset else {}
+    rows = load_rows(dataset, split, seed, options)
+    rows = rows[:limit] if limit else rows
+    source = f"dataset {dataset!r} split {split!r}"
+    needed = [data_config.answer_column if c == "answer" else c for c in needed_columns]
+    check_columns(rows, source, data_config.prompt_column, needed)
+    return render_prompts(
+        rows,
+        tokenizer,
+        data_config.prompt_column,
+        data_config.answer_column,
+        system_prompt_for(dataset, data_config.system_prompt),
+        data_config.max_prompt_tokens,
+        source,
+    )
+
+
+def required_columns(reward_fns) -> list[str]:
+    """The dataset columns a list of reward functions declares it reads."""
+    return sorted({c for fn in reward_fns for c in getattr(fn, "required_columns", ())})

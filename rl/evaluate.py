@@ -134,7 +134,7 @@ def run_eval(
     from rl import setup
     from rl.checkpoint import latest_checkpoint
     from rl.config import ConfigError, load_config
-    from rl.data import check_columns, load_rows, render_prompts, system_prompt_for
+    from rl.data import load_prompts, required_columns
     from rl.models import load_tokenizer, resolve_model
 
     target_path = Path(target)
@@ -168,28 +168,13 @@ def run_eval(
         max_tokens=config.rollout.max_tokens,
         stop=tuple(config.rollout.stop),
     )
-    needed = sorted({c for r in rewards for c in getattr(r.fn, "required_columns", ())})
+    needed = required_columns([r.fn for r in rewards])
     out_dir = Path(out) if out else default_out
     results: dict[str, dict[str, float]] = {}
     try:
         for name in datasets:
-            rows = load_rows(
-                name,
-                split,
-                config.train.seed,
-                config.data.task_options if name == config.data.dataset else {},
-            )
-            rows = rows[:limit] if limit else rows
-            source = f"--dataset {name!r} split {split!r}"
-            check_columns(rows, source, config.data.prompt_column, needed)
-            prompts = render_prompts(
-                rows,
-                tokenizer,
-                config.data.prompt_column,
-                config.data.answer_column,
-                system_prompt_for(name, config.data.system_prompt),
-                config.data.max_prompt_tokens,
-                source,
+            prompts = load_prompts(
+                name, split, tokenizer, config.data, needed, config.train.seed, limit
             )
             result = evaluate(
                 engine,

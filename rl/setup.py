@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rl.config import Config, ConfigError
-from rl.data import check_columns, load_rows, render_prompts, system_prompt_for
+from rl.data import load_prompts, required_columns
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.scoring import WeightedReward
 from rl.trainer import Trainer, seed_everything
@@ -41,38 +41,15 @@ def build_rewards(config: Config) -> list[WeightedReward]:
 def build_prompts(
     config: Config, tokenizer, rewards: list[WeightedReward]
 ) -> tuple[list[Prompt], list[Prompt]]:
-    data = config.data
-    needed = sorted({c for r in rewards for c in getattr(r.fn, "required_columns", ())})
-    needed = [data.answer_column if c == "answer" else c for c in needed]
-    system_prompt = system_prompt_for(data.dataset, data.system_prompt)
-    rows = load_rows(data.dataset, data.split, config.train.seed, data.task_options)
-    source = f"data.dataset {data.dataset!r} split {data.split!r}"
-    check_columns(rows, source, data.prompt_column, needed)
-    train_prompts = render_prompts(
-        rows,
-        tokenizer,
-        data.prompt_column,
-        data.answer_column,
-        system_prompt,
-        data.max_prompt_tokens,
-        source,
-    )
+    """The training prompts and the held-out ones (``data.eval_size`` of them, maybe none)."""
+    data, seed = config.data, config.train.seed
+    needed = required_columns([r.fn for r in rewards])
+    train_prompts = load_prompts(data.dataset, data.split, tokenizer, data, needed, seed)
     eval_prompts: list[Prompt] = []
     if data.eval_size > 0:
         eval_name = data.eval_dataset or data.dataset
-        eval_rows = load_rows(eval_name, data.eval_split, config.train.seed, data.task_options)[
-            : data.eval_size
-        ]
-        eval_source = f"data.eval_dataset {eval_name!r} split {data.eval_split!r}"
-        check_columns(eval_rows, eval_source, data.prompt_column, needed)
-        eval_prompts = render_prompts(
-            eval_rows,
-            tokenizer,
-            data.prompt_column,
-            data.answer_column,
-            system_prompt_for(eval_name, data.system_prompt),
-            data.max_prompt_tokens,
-            eval_source,
+        eval_prompts = load_prompts(
+            eval_name, data.eval_split, tokenizer, data, needed, seed, data.eval_size
         )
     return train_prompts, eval_prompts
 
