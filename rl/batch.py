@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,21 @@ def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) 
 
 
 def completion_logps(
-    model, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False
+    model,
+    batch: TokenBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each completion token under ``model`` at the sampling temperature, and the
     entropy of each next-token distribution.
 
-    Only the logits of the completion region are materialised (``logits_to_keep``), and
-    position ids follow the attention mask, exactly as generate() numbers left-padded prompts.
+    Position ids follow the attention mask, exactly as generate() numbers left-padded prompts.
+    With ``chunk_tokens`` > 0 the model stops at its last hidden states and the output layer,
+    log-softmax and gather run ``chunk_tokens`` real completion tokens at a time, each chunk
+    recomputed in backward (activation checkpointing): float32 logits exist for one chunk only,
+    [chunk_tokens, V], never [B, T, V], and padding costs nothing. With 0 only the logits of the
+    completion region are materialised (``logits_to_keep``), all at once.
 
     returns logps [B, T] and entropy [B, T] (or None)
     """
@@ -98,26 +107,96 @@ def completion_logps(
     attention_mask = batch.attention_mask.to(device)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     width = batch.completion_width
-    logits = model(
+    targets = input_ids[:, -width:]  # [B, T]
+    inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=width + 1,
         use_cache=False,
-    ).logits[:, :-1, :]  # [B, T, V]: position t predicts completion token t
-    logits = logits.float() / temperature
-    targets = input_ids[:, -width:]
-    log_probs = torch.log_softmax(logits, dim=-1)
-    logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    )
+    output_layer = _plain_output_layer(model) if chunk_tokens > 0 else None
+    if output_layer is None:
+        logits = model(**inputs).logits[:, :-1, :]  # [B, T, V]: position t predicts token t
+        return _token_logps(logits, targets, temperature, with_entropy)
+
+    with _output_layer_skipped(model, output_layer):
+        hidden = model(**inputs).logits[:, :-1, :]  # [B, T, H]: the output layer's input
+    real = attention_mask[:, -width:].bool()  # [B, T] completion tokens, not padding
+    hidden, flat_targets = hidden[real], targets[real]  # [N, H], [N]
+    logps = torch.zeros(targets.shape, dtype=torch.float32, device=device)
+    entropy = torch.zeros_like(logps) if with_entropy else None
+    parts, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:  # keep [n, H], recompute [n, V] later
+            part, ent = torch.utils.checkpoint.checkpoint(
+                _chunk_logps, output_layer, h, t, temperature, with_entropy, use_reentrant=False
+            )
+        else:
+            part, ent = _chunk_logps(output_layer, h, t, temperature, with_entropy)
+        parts.append(part)
+        entropies.append(ent)
+    if parts:
+        logps = logps.masked_scatter(real, torch.cat(parts))
+        if entropy is not None:
+            entropy = entropy.masked_scatter(real, torch.cat(entropies))
     return logps, entropy
 
 
+def _token_logps(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [..., V], targets [...] -> log-probs [...], entropy [...] (or None), in float32."""
+    logits = logits.float() / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)  # [...]
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # H = log Z - sum p * logit; no [.., V] log-softmax kept
+            probs = torch.softmax(logits, dim=-1)
+            entropy = log_norm - (probs * logits).sum(dim=-1)
+    return logps, entropy
+
+
+def _chunk_logps(output_layer, hidden, targets, temperature: float, with_entropy: bool):
+    logps, entropy = _token_logps(output_layer(hidden), targets, temperature, with_entropy)
+    return logps, entropy if entropy is not None else torch.zeros_like(logps)
+
+
+def _plain_output_layer(model) -> torch.nn.Module | None:
+    """The output layer when logits are exactly output_layer(last hidden state); None for models
+    that scale or soft-cap logits after it (Gemma 2, Cohere): those take the plain path."""
+    config = getattr(model, "config", None)
+    if config is None or any(
+        getattr(config, name, None) not in (None, 1, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+    ):
+        return None
+    return model.get_output_embeddings()
+
+
+@contextmanager
+def _output_layer_skipped(model, output_layer: torch.nn.Module):
+    """The model's forward with the output layer replaced by identity: its "logits" are the last
+    hidden states. The module is swapped (not its weights), so tied embeddings are untouched."""
+    parent, name = next(
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if child is output_layer
+    )
+    setattr(parent, name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(parent, name, output_layer)
+
+
 @torch.no_grad()
-def logps_in_chunks(model, batch: TokenBatch, chunk_size: int, temperature: float) -> torch.Tensor:
+def logps_in_chunks(
+    model, batch: TokenBatch, chunk_size: int, temperature: float, chunk_tokens: int = 0
+) -> torch.Tensor:
     """``completion_logps`` of the whole batch without grad, ``chunk_size`` sequences at a time
     (each chunk trimmed to its own width); for old and reference log-probs.
 
@@ -126,6 +205,6 @@ def logps_in_chunks(model, batch: TokenBatch, chunk_size: int, temperature: floa
     out = torch.zeros(len(batch), batch.completion_width)
     for start in range(0, len(batch), chunk_size):
         rows = list(range(start, min(start + chunk_size, len(batch))))
-        logps = completion_logps(model, batch.select(rows), temperature)[0]
+        logps = completion_logps(model, batch.select(rows), temperature, False, chunk_tokens)[0]
         out[start : start + len(rows), : logps.shape[1]] = logps.float().cpu()
     return out

@@ -55,7 +55,9 @@ def save_checkpoint(
     scheduler,
     extra: dict[str, Any],
     keep: int,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """``rng_ranks``: every rank's RNG state in a multi-process run (``rng`` is rank 0's)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -69,6 +71,7 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
+            **({"rng_ranks": rng_ranks} if rng_ranks else {}),
         },
         work / "trainer_state.pt",
     )

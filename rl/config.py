@@ -163,6 +163,10 @@ class TrainConfig:
     sample_log_every: int = 1  # steps between samples.jsonl entries
     samples_per_log: int = 8  # rollouts written per logged step
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # Tokens per output-layer + log-softmax chunk, each recomputed in backward: float32 logits
+    # are [this, vocab] instead of [micro-batch, length, vocab]; 0 = all at once.
+    logps_chunk_tokens: int = 1024
+    bf16_autocast: bool = False  # GPU: forward passes under bf16 autocast, fp32 weights; CPU: off
 
 
 @dataclass
@@ -423,6 +427,11 @@ def validate(config: Config) -> None:
     if config.rollout.temperature <= 0:
         raise ConfigError(
             f"rollout.temperature: must be > 0 for sampling, got {config.rollout.temperature}"
+        )
+    if config.train.logps_chunk_tokens < 0:
+        raise ConfigError(
+            f"train.logps_chunk_tokens: must be 0 (off) or positive, got "
+            f"{config.train.logps_chunk_tokens}"
         )
     if config.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be > 0, got {config.train.learning_rate}")

@@ -59,10 +59,23 @@ def _append_json(path: Path, record: dict[str, Any]) -> None:
 
 
 def train(config: Config, config_path: str | None = None, progress: bool = True) -> RunSummary:
-    """Set up from the config and run the loop to config.train.steps."""
+    """Set up from the config and run the loop to config.train.steps. Under ``accelerate launch``
+    (or torchrun) every process runs this; rank 0 alone writes files and evaluates."""
+    from rl import distributed
+
+    dist = distributed.init()  # one process: no process group, no distributed calls
+    try:
+        return _train(config, config_path, progress, dist)
+    finally:
+        distributed.close(dist)
+
+
+def _train(config: Config, config_path: str | None, progress: bool, dist) -> RunSummary:
     from rl import setup
-    from rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+    from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint
     from rl.data import batches
+    from rl.distributed import barrier, check_world, gather_objects, shard
+    from rl.perf import model_flops_utilisation
     from rl.trainer import train_step
 
     started = time.time()
@@ -71,32 +84,40 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
         saved = load_config(Path(config.resume) / "config.yaml")
         saved.resume, saved.train.steps = config.resume, config.train.steps
         config = saved
-    run_dir = make_run_dir(config, config_path)
+    check_world(config, dist)
+    main = dist.is_main
+    run_dir = _shared_run_dir(config, config_path, dist)
     checkpoint = latest_checkpoint(run_dir) if resuming else None
     if resuming and checkpoint is None:
         raise ConfigError(f"resume: {run_dir} has no complete checkpoint to resume from")
-    save_config(config, run_dir / "config.yaml")
-    from rl.tracking import check_installed, open_trackers
+    if main:
+        save_config(config, run_dir / "config.yaml")
+    from rl.tracking import Trackers, check_installed, open_trackers
 
     check_installed(config.tracking)  # a missing tracker package fails before the model loads
 
-    parts = setup.build(config, checkpoint)
-    tracker = open_trackers(config, run_dir)
+    parts = setup.build(config, checkpoint, dist)
+    tracker = open_trackers(config, run_dir) if main else Trackers({})
     trainer = parts.trainer
     eval_before = eval_after = None
     if checkpoint is not None:
         state, payload = load_trainer_state(checkpoint)
         trainer.optimizer.load_state_dict(payload["optimizer"])
         trainer.scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"])
+        _restore_rng(payload, dist, config.train.seed)
         trainer.step = state["step"]
         trainer.engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
         eval_before = state.get("eval_before")
-        for log in ("metrics.jsonl", "samples.jsonl"):
-            _truncate_log(run_dir / log, trainer.step)
-        print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
+        if main:
+            for log in ("metrics.jsonl", "samples.jsonl"):
+                _truncate_log(run_dir / log, trainer.step)
+            print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
     elif parts.eval_prompts:
-        eval_before = _evaluate(trainer, parts.eval_prompts, run_dir, "before training", tracker)
+        if main:
+            eval_before = _evaluate(
+                trainer, parts.eval_prompts, run_dir, "before training", tracker
+            )
+        barrier(dist)
 
     stream = batches(
         parts.train_prompts,
@@ -104,37 +125,43 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
         config.train.seed,
         start_batch=trainer.step,
     )
-    bar = _progress(config.train.steps, trainer.step, progress)
+    bar = _progress(config.train.steps, trainer.step, progress and main)
     extra = {"eval_before": eval_before}
     while trainer.step < config.train.steps:
         clock = time.perf_counter()
-        metrics = train_step(trainer, next(stream), more_prompts=lambda: next(stream))
+        # every rank draws the same global batch and keeps its share of whole groups
+        metrics = train_step(
+            trainer, shard(next(stream), dist), more_prompts=lambda: shard(next(stream), dist)
+        )
         metrics["timing_s/step"] = time.perf_counter() - clock
-        metrics["perf/throughput"] = metrics["tokens"] / metrics["timing_s/step"]
-        _append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **metrics})
-        tracker.log(metrics, trainer.step)
-        if trainer.step % config.train.sample_log_every == 0:
-            logged = [
-                {"step": trainer.step, **s} for s in trainer.samples[: config.train.samples_per_log]
-            ]
-            for sample in logged:
-                _append_json(run_dir / "samples.jsonl", sample)
-            tracker.log_samples(logged, trainer.step)
+        # per device, as the field reports it; "tokens" is the whole step's
+        metrics["perf/throughput"] = metrics["tokens"] / metrics["timing_s/step"] / dist.world_size
+        mfu = model_flops_utilisation(trainer.model, metrics["perf/throughput"])
+        if mfu is not None:
+            metrics["perf/mfu"] = mfu
+        if main:
+            _log_step(trainer, metrics, run_dir, tracker)
         last = trainer.step == config.train.steps
         if last or (config.train.save_every and trainer.step % config.train.save_every == 0):
-            save_checkpoint(
-                run_dir,
-                trainer.step,
-                trainer.model,
-                trainer.tokenizer,
-                trainer.optimizer,
-                trainer.scheduler,
-                extra,
-                config.train.keep_checkpoints,
-            )
+            rng_ranks = gather_objects(dist, rng_state()) if dist.enabled else None
+            if main:
+                save_checkpoint(
+                    run_dir,
+                    trainer.step,
+                    trainer.model,
+                    trainer.tokenizer,
+                    trainer.optimizer,
+                    trainer.scheduler,
+                    extra,
+                    config.train.keep_checkpoints,
+                    rng_ranks=rng_ranks,
+                )
+            barrier(dist)
         every = config.data.eval_every
         if parts.eval_prompts and every and trainer.step % every == 0 and not last:
-            _evaluate(trainer, parts.eval_prompts, run_dir, f"at step {trainer.step}", tracker)
+            if main:
+                _evaluate(trainer, parts.eval_prompts, run_dir, f"at step {trainer.step}", tracker)
+            barrier(dist)
         bar.update(1)
         bar.set_postfix(
             reward=f"{metrics['reward/mean']:.3f}",
@@ -143,11 +170,14 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
         )
     bar.close()
 
-    if parts.eval_prompts:
+    if parts.eval_prompts and main:
         eval_after = _evaluate(trainer, parts.eval_prompts, run_dir, "after training", tracker)
     trainer.engine.close()
     tracker.close()
     summary = RunSummary(run_dir, trainer.step, eval_before, eval_after, time.time() - started)
+    barrier(dist)
+    if not main:
+        return summary
     (run_dir / "summary.json").write_text(
         json.dumps(
             {
@@ -162,6 +192,50 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
     _write_plots(run_dir)
     print_summary(summary, run_dir)
     return summary
+
+
+def _shared_run_dir(config: Config, config_path: str | None, dist) -> Path:
+    """Rank 0 picks (and makes) the run folder and tells the others, or tells them its error."""
+    from rl.distributed import broadcast_object
+
+    chosen: str | ConfigError | None = None
+    if dist.is_main:
+        try:
+            chosen = str(make_run_dir(config, config_path))
+        except ConfigError as error:
+            chosen = error
+    chosen = broadcast_object(dist, chosen)
+    if isinstance(chosen, ConfigError):
+        raise chosen
+    return Path(chosen)
+
+
+def _restore_rng(payload: dict[str, Any], dist, seed: int) -> None:
+    """Each rank's own RNG state when the checkpoint has one per rank (same world size)."""
+    from rl.checkpoint import set_rng_state
+
+    per_rank = payload.get("rng_ranks")
+    if per_rank and len(per_rank) == dist.world_size:
+        set_rng_state(per_rank[dist.rank])
+        return
+    set_rng_state(payload["rng"])
+    if dist.rank > 0:  # another world size: rank 0's state, offset so ranks still differ
+        import torch
+
+        torch.manual_seed(seed + dist.rank + int(torch.randint(1 << 30, ()).item()))
+
+
+def _log_step(trainer, metrics: dict[str, float], run_dir: Path, tracker) -> None:
+    config = trainer.config
+    _append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **metrics})
+    tracker.log(metrics, trainer.step)
+    if trainer.step % config.train.sample_log_every == 0:
+        logged = [
+            {"step": trainer.step, **s} for s in trainer.samples[: config.train.samples_per_log]
+        ]
+        for sample in logged:
+            _append_json(run_dir / "samples.jsonl", sample)
+        tracker.log_samples(logged, trainer.step)
 
 
 def _write_plots(run_dir: Path) -> None:

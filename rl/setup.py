@@ -9,6 +9,7 @@ import torch
 
 from rl.config import Config, ConfigError
 from rl.data import load_prompts, required_columns
+from rl.distributed import Distributed, broadcast_parameters
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.scoring import WeightedReward
 from rl.trainer import Trainer, seed_everything
@@ -128,9 +129,10 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def build(config: Config, checkpoint: Path | None = None) -> Parts:
+def build(config: Config, checkpoint: Path | None = None, dist: Distributed | None = None) -> Parts:
+    dist = dist or Distributed()
     quiet_transformers()
-    seed_everything(config.train.seed)
+    seed_everything(config.train.seed + dist.rank)  # ranks sample differently; rank 0 as ever
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     rewards = build_rewards(config)
@@ -140,8 +142,9 @@ def build(config: Config, checkpoint: Path | None = None) -> Parts:
 
     lora = config.model.lora
     model = load_trained_policy(config, model_folder, checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    broadcast_parameters(dist, model)  # e.g. LoRA's random init: rank 0's everywhere
 
     ref_model = None
     if (
@@ -176,5 +179,6 @@ def build(config: Config, checkpoint: Path | None = None) -> Parts:
         engine=build_engine(config, model, tokenizer, model_folder),
         rewards=rewards,
         sampling=sampling,
+        dist=dist,
     )
     return Parts(trainer, train_prompts, eval_prompts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -14,6 +15,7 @@ import torch
 from rl import algorithms
 from rl.batch import TokenBatch, collate, completion_logps, logps_in_chunks
 from rl.config import Config
+from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics, sum_gradients
 from rl.scoring import WeightedReward, score
 from rollouts.base import RolloutEngine, SamplingSettings
 from rollouts.record import Prompt, Rollout
@@ -34,6 +36,7 @@ class Trainer:
     sampling: SamplingSettings
     step: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)  # last step's rollouts, for the log
+    dist: Distributed = field(default_factory=Distributed)  # this process among the ranks
 
 
 def train_step(
@@ -44,32 +47,36 @@ def train_step(
     """One GRPO-family step on a batch of prompts; returns the step's metrics.
 
     ``more_prompts`` gives fresh prompts for DAPO's dynamic sampling; without it, extra rounds
-    resample the same prompts.
+    resample the same prompts. With several processes, ``prompts`` are this rank's share (whole
+    groups) and the returned metrics are over all ranks.
     """
     config, timings = trainer.config, {}
 
     rollouts, reward_metrics, sampling_metrics = collect_rollouts(
         trainer, prompts, more_prompts, timings
     )
-    advantage_metrics = assign_advantages(rollouts, config.rollout.group_size, config.algorithm)
+    advantage_metrics = assign_advantages(
+        rollouts, config.rollout.group_size, config.algorithm, trainer.dist
+    )
 
     batch = collate(rollouts, trainer.tokenizer.pad_token_id, config.algorithm.mask_truncated)
     update_metrics = policy_update(trainer, batch, timings)
 
     clock = time.perf_counter()
     trainer.step += 1
+    # every rank calls it: a shared vLLM server takes rank 0's push (rollouts/server.py)
     trainer.engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
     timings["timing_s/sync"] = time.perf_counter() - clock
 
     trainer.samples = [rollout_summary(r) for r in rollouts]
-    return {
+    local_metrics = {
         **reward_metrics,
         **sampling_metrics,
         **advantage_metrics,
         **rollout_metrics(rollouts),
-        **update_metrics,
         **timings,
     }
+    return {**reduce_metrics(trainer.dist, local_metrics), **update_metrics}
 
 
 def generate_and_score(
@@ -130,11 +137,20 @@ def collect_rollouts(
     return (kept[: wanted * group_size] or rollouts), reward_metrics, metrics
 
 
-def assign_advantages(rollouts: list[Rollout], group_size: int, algorithm) -> dict[str, float]:
-    """Group the rewards [P, G], run the configured estimator, write each rollout's advantage."""
-    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64).view(-1, group_size)
+def assign_advantages(
+    rollouts: list[Rollout], group_size: int, algorithm, dist: Distributed | None = None
+) -> dict[str, float]:
+    """Group the rewards [P, G], run the configured estimator, write each rollout's advantage.
+
+    With several ranks the estimator sees every rank's groups (gathered, equal counts per rank),
+    so batch-level scaling and the metrics are those of the whole step; each rank keeps its rows.
+    """
+    dist = dist or Distributed()
+    local = torch.tensor([r.reward for r in rollouts], dtype=torch.float64).view(-1, group_size)
+    rewards = gather_rows(dist, local)  # [P_all, G]
     advantages = algorithms.ADVANTAGES[algorithm.advantage](rewards, scale=algorithm.scale_rewards)
-    for rollout, advantage in zip(rollouts, advantages.flatten().tolist(), strict=True):
+    own = advantages[dist.rank * len(local) : (dist.rank + 1) * len(local)]
+    for rollout, advantage in zip(rollouts, own.flatten().tolist(), strict=True):
         rollout.advantage = advantage
     zero_std = (~algorithms.informative_groups(rewards)).float().mean().item()
     return {
@@ -167,7 +183,8 @@ def policy_update(
     """
     config, algorithm = trainer.config, trainer.config.algorithm
     timings = {} if timings is None else timings
-    mini_size = config.train.mini_batch_size or len(batch)
+    # mini_batch_size counts the sequences of all ranks; each rank takes its share
+    mini_size = config.train.mini_batch_size // trainer.dist.world_size or len(batch)
     on_policy = algorithm.epochs == 1 and mini_size >= len(batch)
     temperature, chunk = config.rollout.temperature, config.train.micro_batch_size
 
@@ -180,7 +197,11 @@ def policy_update(
         batch = replace(batch, old_logps=batch.sampler_logps)
     elif not on_policy:
         trainer.model.eval()  # behaviour policy = the sampling one: no dropout
-        batch = replace(batch, old_logps=logps_in_chunks(trainer.model, batch, chunk, temperature))
+        with autocast(trainer):
+            old_logps = logps_in_chunks(
+                trainer.model, batch, chunk, temperature, config.train.logps_chunk_tokens
+            )
+        batch = replace(batch, old_logps=old_logps)
         timings["timing_s/old_logp"] = time.perf_counter() - clock
     if algorithm.beta > 0:
         clock = time.perf_counter()
@@ -195,12 +216,28 @@ def policy_update(
             optimizer_step(trainer, batch.select(order[start : start + mini_size]), metrics)
     trainer.scheduler.step()
     timings["timing_s/update"] = time.perf_counter() - clock
+    # Every rank's share of a global sum adds up; grad_norm is the same on all ranks.
+    result = metrics.result()
+    summed = [n for n in result if n != "grad_norm" and not n.endswith(("/min", "/max"))]
     return {
-        **metrics.result(),
+        **reduce_metrics(
+            trainer.dist,
+            {**result, "tokens": float(batch.completion_mask.sum())},
+            summed=[*summed, "tokens"],
+        ),
         "learning_rate": trainer.scheduler.get_last_lr()[0],
-        "tokens": float(batch.completion_mask.sum()),
         "optimizer_steps": float(algorithm.epochs * math.ceil(len(batch) / mini_size)),
     }
+
+
+def autocast(trainer: Trainer):
+    """bf16 autocast of the trainer's forward passes on a GPU (``train.bf16_autocast``): matmuls
+    in bf16, fp32 weights and optimizer; the log-softmax is float32 either way. A no-op on CPUs,
+    where bf16 is slower than fp32 without bf16 units."""
+    device = next(trainer.model.parameters()).device
+    if trainer.config.train.bf16_autocast and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> None:
@@ -209,7 +246,11 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
     config, model = trainer.config, trainer.model
     algorithm = config.algorithm
     correction = algorithms.SAMPLER_CORRECTIONS.get(algorithm.sampler_correction)
-    num_tokens = int(batch.completion_mask.sum())
+    dist = trainer.dist
+    # The loss normalisers are those of the whole optimisation batch, over all ranks, so the sum
+    # of the ranks' gradients is the one-process gradient.
+    num_tokens = int(all_sum(dist, float(batch.completion_mask.sum())))
+    num_sequences = len(batch) * dist.world_size
     device = next(model.parameters()).device
 
     model.train()
@@ -220,7 +261,10 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
     for start in range(0, len(batch), config.train.micro_batch_size):
         micro = batch.select(order[start : start + config.train.micro_batch_size])
         mask = micro.completion_mask.to(device)
-        logps, entropy = completion_logps(model, micro, config.rollout.temperature, True)
+        with autocast(trainer):
+            logps, entropy = completion_logps(
+                model, micro, config.rollout.temperature, True, config.train.logps_chunk_tokens
+            )
         old_logps = logps.detach() if micro.old_logps is None else micro.old_logps.to(device)
         weight = float(mask.sum()) / max(num_tokens, 1)  # this micro-batch's share of tokens
         sampler_weights, sampler_stats = None, {}
@@ -244,7 +288,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
             mask,
             policy_loss=algorithm.policy_loss,
             aggregation=algorithm.loss_aggregation,
-            num_sequences=len(batch),
+            num_sequences=num_sequences,
             num_tokens=num_tokens,
             max_completion_length=config.rollout.max_tokens,
             epsilon_low=algorithm.epsilon_low,
@@ -260,9 +304,9 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
         metrics.add("entropy", float(algorithms.masked_mean(entropy, mask)), weight)
         for name, value in {**stats, **sampler_stats}.items():
             metrics.add(name, float(value), weight)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad], config.train.max_grad_norm
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sum_gradients(dist, trainable)  # one process: nothing
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.train.max_grad_norm)
     trainer.optimizer.step()
     metrics.add("loss", step_loss, 1.0)
     metrics.add("grad_norm", float(grad_norm), 1.0)
@@ -300,12 +344,14 @@ def reference_logps(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
     model with its adapters disabled (the base weights the adapters started from)."""
     config = trainer.config
     chunk, temperature = config.train.micro_batch_size, config.rollout.temperature
+    tokens = config.train.logps_chunk_tokens
     if trainer.ref_model is not None:
-        return logps_in_chunks(trainer.ref_model, batch, chunk, temperature)
+        with autocast(trainer):
+            return logps_in_chunks(trainer.ref_model, batch, chunk, temperature, tokens)
     was_training = trainer.model.training
     trainer.model.eval()
-    with trainer.model.disable_adapter():
-        logps = logps_in_chunks(trainer.model, batch, chunk, temperature)
+    with trainer.model.disable_adapter(), autocast(trainer):
+        logps = logps_in_chunks(trainer.model, batch, chunk, temperature, tokens)
     trainer.model.train(was_training)
     return logps
 
