@@ -24,6 +24,7 @@ class TokenBatch:
     # Filled by the trainer before the first update, once per generation batch, when needed:
     old_logps: torch.Tensor | None = None  # [B, T] behaviour policy (None: on-policy, use current)
     ref_logps: torch.Tensor | None = None  # [B, T] reference policy (None: beta == 0)
+    group_ids: torch.Tensor | None = None  # [B] the prompt's group: rows with one prompt share it
 
     @property
     def completion_width(self) -> int:
@@ -50,6 +51,7 @@ class TokenBatch:
             prompt_width=self.prompt_width - cut_left,
             old_logps=_rows(self.old_logps, rows, keep_right),
             ref_logps=_rows(self.ref_logps, rows, keep_right),
+            group_ids=None if self.group_ids is None else self.group_ids[rows],
         )
 
 
@@ -78,8 +80,15 @@ def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) 
         if sampler_logps is not None:
             sampler_logps[row, :c] = torch.tensor(rollout.sampler_logps)
     advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
+    group_ids = torch.tensor([r.group for r in rollouts], dtype=torch.long)
     return TokenBatch(
-        input_ids, attention_mask, completion_mask, advantages, sampler_logps, prompt_width
+        input_ids,
+        attention_mask,
+        completion_mask,
+        advantages,
+        sampler_logps,
+        prompt_width,
+        group_ids=group_ids,
     )
 
 
@@ -89,6 +98,7 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = 0,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each completion token under ``model`` at the sampling temperature, and the
     entropy of each next-token distribution.
@@ -99,6 +109,12 @@ def completion_logps(
     recomputed in backward (activation checkpointing): float32 logits exist for one chunk only,
     [chunk_tokens, V], never [B, T, V], and padding costs nothing. With 0 only the logits of the
     completion region are materialised (``logits_to_keep``), all at once.
+
+    With ``share_prompts``, rows of one group (same prompt) run their prompt once: its keys and
+    values are computed with grad for one row and gathered for the others (the gradient of the
+    gather sums the group's contributions), then the completions run on top. With G completions
+    per prompt this removes (G-1)/G of the prompt tokens' forward and backward. Not used under
+    gradient checkpointing (which forbids a cache in training).
 
     returns logps [B, T] and entropy [B, T] (or None)
     """
@@ -115,21 +131,31 @@ def completion_logps(
         logits_to_keep=width + 1,
         use_cache=False,
     )
+    shared = _shared_prompts(model, batch) if share_prompts else None
     output_layer = _plain_output_layer(model) if chunk_tokens > 0 else None
     if output_layer is None:
-        logits = model(**inputs).logits[:, :-1, :]  # [B, T, V]: position t predicts token t
+        if shared is not None:
+            logits = _shared_prompt_forward(model, batch, input_ids, attention_mask, *shared)
+        else:
+            logits = model(**inputs).logits[:, :-1, :]  # [B, T, V]: position t predicts token t
         return _token_logps(logits, targets, temperature, with_entropy)
 
     with _output_layer_skipped(model, output_layer):
-        hidden = model(**inputs).logits[:, :-1, :]  # [B, T, H]: the output layer's input
+        if shared is not None:
+            hidden = _shared_prompt_forward(model, batch, input_ids, attention_mask, *shared)
+        else:
+            hidden = model(**inputs).logits[:, :-1, :]  # [B, T, H]: the output layer's input
     real = attention_mask[:, -width:].bool()  # [B, T] completion tokens, not padding
     hidden, flat_targets = hidden[real], targets[real]  # [N, H], [N]
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=device)
     entropy = torch.zeros_like(logps) if with_entropy else None
     parts, entropies = [], []
+    # One chunk holds its logits for backward (no bigger than a chunk's own peak); with several,
+    # each keeps only its [n, H] input and recomputes its [n, V] logits in backward.
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and len(hidden) > chunk_tokens
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:  # keep [n, H], recompute [n, V] later
+        if recompute:
             part, ent = torch.utils.checkpoint.checkpoint(
                 _chunk_logps, output_layer, h, t, temperature, with_entropy, use_reentrant=False
             )
@@ -142,6 +168,59 @@ def completion_logps(
         if entropy is not None:
             entropy = entropy.masked_scatter(real, torch.cat(entropies))
     return logps, entropy
+
+
+def _shared_prompts(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(one row per distinct prompt [U], each row's prompt [B]), or None when nothing is shared
+    or the model cannot run on a shared cache."""
+    if batch.group_ids is None or batch.prompt_width == 0:
+        return None
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return None
+    groups, inverse = torch.unique(batch.group_ids, return_inverse=True)  # [U], [B]
+    if len(groups) == len(batch):
+        return None
+    first_rows = torch.full((len(groups),), len(batch), dtype=torch.long)
+    first_rows = first_rows.scatter_reduce(0, inverse, torch.arange(len(batch)), reduce="amin")
+    return first_rows, inverse
+
+
+def _shared_prompt_forward(
+    model,
+    batch: TokenBatch,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    first_rows: torch.Tensor,
+    inverse: torch.Tensor,
+) -> torch.Tensor:
+    """The model's outputs at the positions that predict completion tokens, [B, T, X], the
+    prompts run once per group. X is the vocabulary, or the hidden size with the output layer
+    skipped."""
+    from transformers import DynamicCache
+
+    width, device = batch.prompt_width, input_ids.device
+    first_rows, inverse = first_rows.to(device), inverse.to(device)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    prompt = model(
+        input_ids=input_ids[first_rows, :width],
+        attention_mask=attention_mask[first_rows, :width],
+        position_ids=position_ids[first_rows, :width],
+        past_key_values=DynamicCache(),
+        use_cache=True,
+        logits_to_keep=1,  # the last prompt position predicts the first completion token
+    )
+    cache = prompt.past_key_values
+    cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...], differentiable
+    completion = model(
+        input_ids=input_ids[:, width:],
+        attention_mask=attention_mask,
+        position_ids=position_ids[:, width:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=0,  # all
+    )
+    first = prompt.logits[inverse]  # [B, 1, X]
+    return torch.cat([first, completion.logits[:, :-1]], dim=1)  # [B, T, X]
 
 
 def _token_logps(
@@ -195,7 +274,12 @@ def _output_layer_skipped(model, output_layer: torch.nn.Module):
 
 @torch.no_grad()
 def logps_in_chunks(
-    model, batch: TokenBatch, chunk_size: int, temperature: float, chunk_tokens: int = 0
+    model,
+    batch: TokenBatch,
+    chunk_size: int,
+    temperature: float,
+    chunk_tokens: int = 0,
+    share_prompts: bool = False,
 ) -> torch.Tensor:
     """``completion_logps`` of the whole batch without grad, ``chunk_size`` sequences at a time
     (each chunk trimmed to its own width); for old and reference log-probs.
@@ -205,6 +289,7 @@ def logps_in_chunks(
     out = torch.zeros(len(batch), batch.completion_width)
     for start in range(0, len(batch), chunk_size):
         rows = list(range(start, min(start + chunk_size, len(batch))))
-        logps = completion_logps(model, batch.select(rows), temperature, False, chunk_tokens)[0]
+        micro = batch.select(rows)
+        logps = completion_logps(model, micro, temperature, False, chunk_tokens, share_prompts)[0]
         out[start : start + len(rows), : logps.shape[1]] = logps.float().cpu()
     return out

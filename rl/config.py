@@ -166,6 +166,9 @@ class TrainConfig:
     # Tokens per output-layer + log-softmax chunk, each recomputed in backward: float32 logits
     # are [this, vocab] instead of [micro-batch, length, vocab]; 0 = all at once.
     logps_chunk_tokens: int = 1024
+    # Run each prompt once per micro-batch and reuse its keys/values for the group's completions
+    # (exact; off under gradient checkpointing); micro-batches then hold whole groups.
+    share_prompts: bool = True
     bf16_autocast: bool = False  # GPU: forward passes under bf16 autocast, fp32 weights; CPU: off
 
 

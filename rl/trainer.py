@@ -199,7 +199,12 @@ def policy_update(
         trainer.model.eval()  # behaviour policy = the sampling one: no dropout
         with autocast(trainer):
             old_logps = logps_in_chunks(
-                trainer.model, batch, chunk, temperature, config.train.logps_chunk_tokens
+                trainer.model,
+                batch,
+                chunk,
+                temperature,
+                config.train.logps_chunk_tokens,
+                config.train.share_prompts,
             )
         batch = replace(batch, old_logps=old_logps)
         timings["timing_s/old_logp"] = time.perf_counter() - clock
@@ -256,14 +261,18 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
     model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
     step_loss = 0.0
-    # similar lengths together, so micro-batches carry little padding
-    order = sorted(range(len(batch)), key=lambda i: -int(batch.attention_mask[i].sum()))
+    order = micro_batch_order(batch, config.train.share_prompts)
     for start in range(0, len(batch), config.train.micro_batch_size):
         micro = batch.select(order[start : start + config.train.micro_batch_size])
         mask = micro.completion_mask.to(device)
         with autocast(trainer):
             logps, entropy = completion_logps(
-                model, micro, config.rollout.temperature, True, config.train.logps_chunk_tokens
+                model,
+                micro,
+                config.rollout.temperature,
+                True,
+                config.train.logps_chunk_tokens,
+                config.train.share_prompts,
             )
         old_logps = logps.detach() if micro.old_logps is None else micro.old_logps.to(device)
         weight = float(mask.sum()) / max(num_tokens, 1)  # this micro-batch's share of tokens
@@ -312,6 +321,19 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
     metrics.add("grad_norm", float(grad_norm), 1.0)
 
 
+def micro_batch_order(batch: TokenBatch, keep_groups: bool) -> list[int]:
+    """Rows by decreasing length, so micro-batches carry little padding; with ``keep_groups``,
+    whole groups by their longest row, so a micro-batch runs each prompt once."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    if not keep_groups or batch.group_ids is None:
+        return sorted(range(len(batch)), key=lambda i: -lengths[i])
+    groups = batch.group_ids.tolist()
+    longest: dict[int, int] = {}
+    for group, length in zip(groups, lengths, strict=True):
+        longest[group] = max(longest.get(group, 0), length)
+    return sorted(range(len(batch)), key=lambda i: (-longest[groups[i]], groups[i], -lengths[i]))
+
+
 class Metrics:
     """Averages over the optimizer steps of one update (weighted means within a step); names
     ending in /min or /max keep the extreme."""
@@ -344,14 +366,14 @@ def reference_logps(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
     model with its adapters disabled (the base weights the adapters started from)."""
     config = trainer.config
     chunk, temperature = config.train.micro_batch_size, config.rollout.temperature
-    tokens = config.train.logps_chunk_tokens
+    tokens, share = config.train.logps_chunk_tokens, config.train.share_prompts
     if trainer.ref_model is not None:
         with autocast(trainer):
-            return logps_in_chunks(trainer.ref_model, batch, chunk, temperature, tokens)
+            return logps_in_chunks(trainer.ref_model, batch, chunk, temperature, tokens, share)
     was_training = trainer.model.training
     trainer.model.eval()
     with trainer.model.disable_adapter(), autocast(trainer):
-        logps = logps_in_chunks(trainer.model, batch, chunk, temperature, tokens)
+        logps = logps_in_chunks(trainer.model, batch, chunk, temperature, tokens, share)
     trainer.model.train(was_training)
     return logps
 

@@ -1,0 +1,205 @@
+"""aha's training step against TRL 1.16's GRPOTrainer at equal settings, on this machine.
+
+    python -m rl.benchmarks.vs_trl                       # SmolLM2, 2 prompts x 4, 64 tokens
+    python -m rl.benchmarks.vs_trl --model tiny-random --steps 8
+
+Same model (fp32), same prompts (the arithmetic task's first training rows, chat-templated by
+the same tokenizer), same reward function (``tag_count``, cheap and pure, so the step's cost is
+the model's), group size, completion length, generation batch (prompts x group in one
+``generate`` call, one optimizer step per generation batch), learning rate, gradient clipping,
+beta 0, the GRPO loss, transformers generation (``use_vllm=False``), ``bf16=False``, no gradient
+checkpointing on either side (TRL's default turns it on), the same torch threads. Each trainer
+runs in its own fresh process, one after the other; the first step of each is a warm-up and
+is left out. Printed: the median step time, completion tokens per second (tokens generated and
+trained on), and the ratio aha / TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    parser.add_argument("--group", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--max-tokens", type=int, default=64, help="completion length cap")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--only", choices=["aha", "trl"], default=None)
+    parser.add_argument("--aha-overrides", nargs="*", default=[], help="extra aha KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+def common_setup(args: argparse.Namespace):
+    """The aha config both sides are built from (model, prompts, sampling)."""
+    import torch
+
+    from rl.config import load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            "rewards=[{name: tag_count}]",
+            f"rollout.group_size={args.group}",
+            f"rollout.max_tokens={args.max_tokens}",
+            f"rollout.batch_size={args.prompts * args.group}",
+            f"train.prompts_per_step={args.prompts}",
+            f"train.micro_batch_size={args.prompts * args.group}",
+            f"train.learning_rate={args.lr:.3e}",  # YAML reads 1e-06 as a string
+            "train.save_every=0",
+            "data.eval_size=0",
+            *args.aha_overrides,
+        ],
+    )
+
+
+def run_aha(args: argparse.Namespace) -> dict:
+    from rl import setup
+    from rl.data import batches
+    from rl.trainer import train_step
+
+    config = common_setup(args)
+    parts = setup.build(config)
+    stream = batches(parts.train_prompts, args.prompts, config.train.seed)
+    seconds, tokens = [], []
+    for _ in range(args.steps + 1):
+        clock = time.perf_counter()
+        metrics = train_step(parts.trainer, next(stream))
+        seconds.append(time.perf_counter() - clock)
+        tokens.append(metrics["tokens"])
+    return {"seconds": seconds[1:], "tokens": tokens[1:], "last_metrics": metrics}
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards import get_reward
+    from rl.data import load_prompts, required_columns
+    from rl.models import load_tokenizer, resolve_model
+
+    config = common_setup(args)
+    folder = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(folder)
+    reward = get_reward("tag_count")
+    prompts = load_prompts(
+        config.data.dataset,
+        config.data.split,
+        tokenizer,
+        config.data,
+        required_columns([reward]),
+        config.train.seed,
+    )[: args.prompts * (args.steps + 1)]
+    dataset = Dataset.from_list([{"prompt": p.messages, **p.row} for p in prompts])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *_, **__):
+            self.clock = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds.append(time.perf_counter() - self.clock)
+
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as output_dir:
+        trl_config = GRPOConfig(
+            output_dir=output_dir,
+            per_device_train_batch_size=args.prompts * args.group,
+            num_generations=args.group,
+            max_completion_length=args.max_tokens,
+            max_steps=args.steps + 1,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            adam_beta2=0.99,  # aha's default betas (0.9, 0.99)
+            max_grad_norm=1.0,
+            beta=0.0,
+            loss_type="grpo",  # aha's default aggregation, seq_mean_token_mean
+            scale_rewards="group",
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            use_vllm=False,
+            bf16=False,
+            use_cpu=True,
+            gradient_checkpointing=False,
+            shuffle_dataset=False,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=config.train.seed,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=trl_config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[clock],
+        )
+        trainer.train()
+    lengths = [
+        e["completions/mean_length"]
+        for e in trainer.state.log_history
+        if "completions/mean_length" in e
+    ]
+    tokens = [length * args.prompts * args.group for length in lengths]
+    return {"seconds": clock.seconds[1:], "tokens": tokens[1:]}
+
+
+def summary(result: dict) -> tuple[float, float]:
+    """(median step seconds, completion tokens per second over the timed steps)"""
+    return statistics.median(result["seconds"]), sum(result["tokens"]) / sum(result["seconds"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.only is not None:  # the child: one trainer, results as JSON on the last line
+        result = run_aha(args) if args.only == "aha" else run_trl(args)
+        result.pop("last_metrics", None)
+        print(json.dumps(result))
+        return
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    results = {}
+    for name in ("trl", "aha"):
+        done = subprocess.run(
+            [sys.executable, "-m", "rl.benchmarks.vs_trl", *forwarded, "--only", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"model {args.model}: {args.prompts} prompts x {args.group} completions, "
+        f"<= {args.max_tokens} tokens, {args.steps} timed steps after 1 warm-up, CPU fp32"
+    )
+    print(f"{'':<6} {'median step s':>14} {'tokens/s':>10}  steps (s)")
+    for name in ("trl", "aha"):
+        median, rate = summary(results[name])
+        steps = " ".join(f"{s:.2f}" for s in results[name]["seconds"])
+        print(f"{name:<6} {median:>14.2f} {rate:>10.1f}  {steps}")
+    ratio = summary(results["aha"])[0] / summary(results["trl"])[0]
+    print(f"aha / TRL median step time: {ratio:.2f} (target <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
