@@ -78,7 +78,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["transformers", "vllm"] = "transformers"  # what generates rollouts
+    # What generates rollouts; "auto": vllm where it is installed, else transformers (resolved
+    # when the config loads, so the saved config names the engine that ran).
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
     group_size: int = 8  # G: completions per prompt
     temperature: float = 1.0  # sampling temperature (> 0)
     top_p: float = 1.0  # nucleus sampling; 1 = off
@@ -408,8 +410,17 @@ def _check_known(
             _check_known(value, field_type, dotted)
 
 
+def resolve_engine(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
 def validate(config: Config) -> None:
     """Checks that span fields or need a registry; each failure names the key."""
+    config.rollout.engine = resolve_engine(config.rollout.engine)
     positive = {
         "rollout.group_size": config.rollout.group_size,
         "rollout.max_tokens": config.rollout.max_tokens,

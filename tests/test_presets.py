@@ -25,6 +25,7 @@ def test_preset_runs_two_steps_on_the_tiny_model(preset, tmp_path):
     splits = bool(yaml.safe_load(path.read_text())["train"]["mini_batch_size"])
     overrides = [
         "model.name=tiny-random",
+        "rollout.engine=transformers",  # vLLM runs only in the vllm-marked pytest process
         f"run_dir={tmp_path}",
         "rollout.group_size=4",
         "rollout.max_tokens=4",
