@@ -62,11 +62,13 @@ class TransformersEngine:
             return_dict_in_generate=True,
             use_cache=True,
         )
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         output = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             generation_config=config,
             tokenizer=tokenizer if sampling.stop else None,
+            past_key_values=self._shared_prefill(prompts, input_ids, attention_mask),
         )
         new_ids = output.sequences[:, width:].cpu()  # [B, T]
         scores = torch.stack(output.scores, dim=1).float()  # [B, T, V]
@@ -89,6 +91,31 @@ class TransformersEngine:
                 )
             )
         return rollouts
+
+    def _shared_prefill(self, prompts: list[Prompt], input_ids, attention_mask):
+        """A group's G copies of a prompt, prefilled once: the keys and values of all but the
+        last prompt token, computed per distinct prompt and gathered for every row (generate()
+        then runs the last prompt token and samples). None when no prompt repeats."""
+        from transformers import DynamicCache
+
+        first: dict[int, int] = {}
+        rows = [first.setdefault(id(p), len(first)) for p in prompts]  # row -> distinct prompt
+        if len(first) == len(prompts) or input_ids.shape[1] < 2:
+            return None
+        device = input_ids.device
+        distinct = torch.tensor([rows.index(k) for k in range(len(first))], device=device)
+        mask = attention_mask[distinct, :-1]
+        cache = DynamicCache()
+        self.model(
+            input_ids=input_ids[distinct, :-1],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_select_indices(torch.tensor(rows, device=device))
+        return cache
 
     def _completion_length(self, ids: list[int], sampling: SamplingSettings) -> tuple[int, str]:
         """Tokens up to and including the end token (it is trained on too), and why it ended."""
