@@ -86,3 +86,20 @@ def test_logps_in_chunks_without_grad(batch):
     plain = logps_in_chunks(model, batch, 2, 1.0, 0) * batch.completion_mask
     chunked = logps_in_chunks(model, batch, 2, 1.0, 3) * batch.completion_mask
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module", ["rl.benchmarks.memory", "rl.benchmarks.vs_trl"])
+def test_benchmark_help(module):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage" in done.stdout
+
+
+def test_memory_benchmark_measures_each_variant_in_its_own_process(capsys):
+    from rl.benchmarks import memory
+
+    memory.main(["--model", "wide-tiny", "--batch", "1", "--prompt", "4", "--completion", "16"])
+    out = capsys.readouterr().out
+    assert all(variant in out for variant in memory.VARIANTS) and "failed" not in out

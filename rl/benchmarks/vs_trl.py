@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +55,7 @@ def common_setup(args: argparse.Namespace):
             "rewards=[{name: tag_count}]",
             f"rollout.group_size={args.group}",
             f"rollout.max_tokens={args.max_tokens}",
+            "rollout.temperature=1.0",  # TRL's default
             f"rollout.batch_size={args.prompts * args.group}",
             f"train.prompts_per_step={args.prompts}",
             f"train.micro_batch_size={args.prompts * args.group}",
@@ -67,19 +69,20 @@ def common_setup(args: argparse.Namespace):
 
 def run_aha(args: argparse.Namespace) -> dict:
     from rl import setup
-    from rl.data import batches
     from rl.trainer import train_step
 
     config = common_setup(args)
     parts = setup.build(config)
-    stream = batches(parts.train_prompts, args.prompts, config.train.seed)
-    seconds, tokens = [], []
-    for _ in range(args.steps + 1):
+    seconds, tokens, parts_s = [], [], []
+    for step in range(args.steps + 1):
+        # the dataset's rows in order, as TRL takes them with shuffle_dataset=False
+        rows = parts.train_prompts[step * args.prompts : (step + 1) * args.prompts]
         clock = time.perf_counter()
-        metrics = train_step(parts.trainer, next(stream))
+        metrics = train_step(parts.trainer, [replace(p, index=i) for i, p in enumerate(rows)])
         seconds.append(time.perf_counter() - clock)
         tokens.append(metrics["tokens"])
-    return {"seconds": seconds[1:], "tokens": tokens[1:], "last_metrics": metrics}
+        parts_s.append({k: v for k, v in metrics.items() if k.startswith("timing_s/")})
+    return {"seconds": seconds[1:], "tokens": tokens[1:], "timings": parts_s[1:]}
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -173,7 +176,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.only is not None:  # the child: one trainer, results as JSON on the last line
         result = run_aha(args) if args.only == "aha" else run_trl(args)
-        result.pop("last_metrics", None)
         print(json.dumps(result))
         return
     forwarded = list(argv if argv is not None else sys.argv[1:])
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         median, rate = summary(results[name])
         steps = " ".join(f"{s:.2f}" for s in results[name]["seconds"])
         print(f"{name:<6} {median:>14.2f} {rate:>10.1f}  {steps}")
+    timings = results["aha"]["timings"]
+    medians = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+    print("aha median " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
     ratio = summary(results["aha"])[0] / summary(results["trl"])[0]
     print(f"aha / TRL median step time: {ratio:.2f} (target <= 0.5)")
 
