@@ -53,6 +53,7 @@ def common_setup(args: argparse.Namespace):
         [
             f"model.name={args.model}",
             "rewards=[{name: tag_count}]",
+            "rollout.engine=transformers",  # TRL's side: transformers generate (use_vllm=False)
             f"rollout.group_size={args.group}",
             f"rollout.max_tokens={args.max_tokens}",
             "rollout.temperature=1.0",  # TRL's default
