@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FIXTURES, ROOT
 
 HELP_COMMANDS = [[], ["train"], ["config"], ["rewards"], ["rewards", "list"], ["tasks"]]
@@ -12,7 +11,11 @@ HELP_COMMANDS = [[], ["train"], ["config"], ["rewards"], ["rewards", "list"], ["
 
 def aha(*args, cwd=ROOT, timeout=120):
     return subprocess.run(
-        [sys.executable, "-m", "rl.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "rl.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -72,5 +75,9 @@ def test_missing_config_file():
 
 
 def test_plugin_reward_by_path_is_listed_in_config(tmp_path):
-    result = aha("config", "configs/tiny.yaml", f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count'}}]")
+    result = aha(
+        "config",
+        "configs/tiny.yaml",
+        f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count'}}]",
+    )
     assert result.returncode == 0, result.stderr

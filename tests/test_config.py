@@ -1,10 +1,9 @@
 """Config: YAML plus dotted overrides, validation that names the key, a lossless round trip."""
 
 import pytest
+from conftest import ROOT
 
 from rl.config import Config, ConfigError, load_config, save_config
-
-from conftest import ROOT
 
 
 def write(tmp_path, text):
@@ -64,7 +63,9 @@ def test_missing_file():
 
 
 def test_saved_config_loads_back_to_the_same_object(tmp_path):
-    config = load_config(None, ["train.steps=3", "model.lora.enabled=true", "data.task_options={levels: [1, 2]}"])
+    config = load_config(
+        None, ["train.steps=3", "model.lora.enabled=true", "data.task_options={levels: [1, 2]}"]
+    )
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
 

@@ -53,3 +53,13 @@ def test_aha_eval_on_a_run_folder_writes_samples_and_summary(tiny_overrides, tmp
     assert len(samples) == 12 and "rewards" in samples[0]
     saved = json.loads((out / "summary-arithmetic.json").read_text())
     assert saved["n"] == 3 and saved["prompts"] == 4
+
+
+def test_training_evaluates_every_n_steps(tiny_overrides, tmp_path):
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "train.steps=2", "data.eval_every=1"]
+    )
+    summary = train(config, progress=False)
+    lines = (summary.run_dir / "metrics.jsonl").read_text().splitlines()
+    eval_steps = [json.loads(line)["step"] for line in lines if "eval/accuracy" in line]
+    assert eval_steps == [0, 1, 2]  # before, every step, after (the last step once)

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from rl.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state
 from rl.config import load_config
 from rl.models import resolve_model
 from rl.run import train
-
-from conftest import ROOT
 
 
 def read_jsonl(path):
@@ -30,9 +29,22 @@ def test_two_steps_change_the_parameters_and_write_the_run_folder(tiny_overrides
     metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
-        assert all(k in m for k in ("reward/mean", "reward/std", "frac_reward_zero_std", "entropy",
-                                    "response_length/mean", "clip_ratio/low", "timing_s/step", "timing_s/gen",
-                                    "perf/throughput", "sampling/logp_gap", "grad_norm"))
+        assert all(
+            k in m
+            for k in (
+                "reward/mean",
+                "reward/std",
+                "frac_reward_zero_std",
+                "entropy",
+                "response_length/mean",
+                "clip_ratio/low",
+                "timing_s/step",
+                "timing_s/gen",
+                "perf/throughput",
+                "sampling/logp_gap",
+                "grad_norm",
+            )
+        )
         assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
         assert m["sampling/logp_gap"] < 1e-3  # engine and trainer agree on the sampled tokens
     samples = read_jsonl(run_dir / "samples.jsonl")
@@ -80,7 +92,11 @@ def test_lora_trains_only_the_adapter(tiny_overrides, tmp_path):
 
 
 def test_a_broken_reward_scores_zero_and_the_run_goes_on(tiny_overrides, tmp_path):
-    broken = tiny_overrides[1].replace("digit_count", "broken").replace("rewards=[", "rewards=[{name: format_lenient}, ")
+    broken = (
+        tiny_overrides[1]
+        .replace("digit_count", "broken")
+        .replace("rewards=[", "rewards=[{name: format_lenient}, ")
+    )
     summary = run([tiny_overrides[0], broken], steps=1)
     metrics = [m for m in read_jsonl(summary.run_dir / "metrics.jsonl") if "loss" in m]
     name = next(k for k in metrics[0] if k.endswith(":broken/errors"))
