@@ -395,24 +395,6 @@ def rollout_summary(rollout: Rollout) -> dict[str, Any]:
     }
 
 
-def evaluate(
-    engine: RolloutEngine, prompts: list[Prompt], rewards: list[WeightedReward], max_tokens: int
-) -> dict[str, float]:
-    """Greedy held-out scores: each reward's mean, and `accuracy`, the share of prompts whose
-    first reward (the task's correctness reward) is at least 1."""
-    greedy = SamplingSettings(temperature=0.0, max_tokens=max_tokens)
-    rollouts = engine.generate(prompts, 1, greedy)
-    metrics, _ = score(rollouts, rewards, timeout_s=600)
-    first = rewards[0].name
-    correct = [1.0 if (r.rewards[first] or 0) >= 1 else 0.0 for r in rollouts]
-    metrics = {k: v for k, v in metrics.items() if not k.endswith("/errors")}
-    return {"accuracy": sum(correct) / len(correct), **metrics}
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def is_finite(metrics: dict[str, float]) -> bool:
-    return all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm"))
