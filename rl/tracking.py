@@ -114,7 +114,11 @@ class WandbTracker:
         self.run.log(metrics, step=step)
 
     def log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
-        table = self.wandb.Table(columns=list(SAMPLE_COLUMNS), data=sample_rows(samples))
+        # allow_mixed_types: wandb types each column from its first row and refuses a later
+        # row whose cell differs (a field a sample lacks is None) unless told to accept it.
+        table = self.wandb.Table(
+            columns=list(SAMPLE_COLUMNS), data=sample_rows(samples), allow_mixed_types=True
+        )
         self.run.log({"samples": table}, step=step)
 
     def close(self) -> None:
@@ -155,30 +159,40 @@ class MlflowTracker:
 
 
 class TrackioTracker:
-    """trackio, local (its SQLite store in $TRACKIO_DIR; ``trackio show`` opens the dashboard)."""
+    """trackio, local: one SQLite database per project in trackio's folder ($TRACKIO_DIR,
+    default ~/.cache/huggingface/trackio); ``trackio show`` opens the dashboard there."""
 
     def __init__(self, run_dir: Path, config: Config) -> None:
         import trackio
 
         self.trackio = trackio
+        # A run folder's name is not unique across runs (two "runs/test" folders): trackio
+        # continues the latest run of that name only when aha continues its run (resume=).
         self.run = trackio.init(
             project=config.tracking.project,
             name=config.tracking.run_name or run_dir.name,
             config=_flatten(dataclasses.asdict(config)),
-            resume="allow",
+            resume="allow" if config.resume else "never",
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.trackio.log(metrics, step=step)
+        # The run itself, not trackio.log(): that finds the run in a context variable, which a
+        # thread other than the one that opened it does not see.
+        self.run.log(metrics, step=step)
 
     def log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
-        if hasattr(self.trackio, "Table"):  # tables arrived in later trackio versions
-            rows = [[_cell(v) for v in row] for row in sample_rows(samples)]
-            table = self.trackio.Table(columns=list(SAMPLE_COLUMNS), data=rows)
-            self.trackio.log({"samples": table}, step=step)
+        # trackio renders a table's strings as Markdown: text cells as one escaped line.
+        rows = [
+            [v if isinstance(v, int | float) else _cell(v) for v in row]
+            for row in sample_rows(samples)
+        ]
+        table = self.trackio.Table(columns=list(SAMPLE_COLUMNS), data=rows)
+        self.run.log({"samples": table}, step=step)
 
     def close(self) -> None:
-        self.trackio.finish()
+        self.run.finish()  # flushes the writer thread into the database
+        if self.trackio.context_vars.current_run.get() is self.run:
+            self.trackio.context_vars.current_run.set(None)
 
 
 BACKENDS: dict[str, type] = {
