@@ -56,19 +56,24 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep: int,
     rng_ranks: list[dict[str, Any]] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """``rng_ranks``: every rank's RNG state in a multi-process run (``rng`` is rank 0's)."""
+    """``rng_ranks``: every rank's RNG state in a multi-process run (``rng`` is rank 0's).
+    ``model_state`` and ``optimizer_state``: the whole ones when the model is sharded (FSDP2,
+    gathered by rl.distributed), saved instead of the model's and optimizer's own."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     work = root / f".step-{step}.tmp"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    model.save_pretrained(work, safe_serialization=True)  # with LoRA: the adapter only
+    # with LoRA: the adapter only
+    model.save_pretrained(work, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(work)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             **({"rng_ranks": rng_ranks} if rng_ranks else {}),

@@ -74,9 +74,17 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     from rl import setup
     from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint
     from rl.data import batches
-    from rl.distributed import barrier, check_world, gather_objects, shard
+    from rl.distributed import (
+        barrier,
+        check_world,
+        full_optimizer_state,
+        full_state_dict,
+        gather_objects,
+        load_optimizer_state,
+        shard,
+    )
     from rl.perf import model_flops_utilisation
-    from rl.trainer import train_step
+    from rl.trainer import sync_engine, train_step
 
     started = time.time()
     resuming = config.resume is not None
@@ -102,11 +110,11 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     eval_before = eval_after = None
     if checkpoint is not None:
         state, payload = load_trainer_state(checkpoint)
-        trainer.optimizer.load_state_dict(payload["optimizer"])
+        load_optimizer_state(dist, trainer.model, trainer.optimizer, payload["optimizer"])
         trainer.scheduler.load_state_dict(payload["scheduler"])
         _restore_rng(payload, dist, config.train.seed)
         trainer.step = state["step"]
-        trainer.engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
+        sync_engine(trainer)
         eval_before = state.get("eval_before")
         if main:
             for log in ("metrics.jsonl", "samples.jsonl"):
@@ -144,6 +152,9 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
         last = trainer.step == config.train.steps
         if last or (config.train.save_every and trainer.step % config.train.save_every == 0):
             rng_ranks = gather_objects(dist, rng_state()) if dist.enabled else None
+            # FSDP2: whole weights and optimizer state gathered to rank 0 (every rank takes part)
+            weights = full_state_dict(dist, trainer.model)
+            optimizer_state = full_optimizer_state(dist, trainer.model, trainer.optimizer)
             if main:
                 save_checkpoint(
                     run_dir,
@@ -155,6 +166,8 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
                     extra,
                     config.train.keep_checkpoints,
                     rng_ranks=rng_ranks,
+                    model_state=weights,
+                    optimizer_state=optimizer_state,
                 )
             barrier(dist)
         every = config.data.eval_every

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from rl.config import Config, ConfigError
 from rl.data import load_prompts, required_columns
-from rl.distributed import Distributed, broadcast_parameters
+from rl.distributed import Distributed, broadcast_parameters, prepare
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.scoring import WeightedReward
 from rl.trainer import Trainer, seed_everything
@@ -161,6 +162,12 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         betas=tuple(config.train.adam_betas),
         weight_decay=config.train.weight_decay,
     )
+    # FSDP2: the transformers engine generates with a whole copy on each rank (a sharded model's
+    # forward is a collective, and ranks generate different lengths); synced after each step.
+    engine_model = None
+    if dist.sharded and config.rollout.engine == "transformers":
+        engine_model = copy.deepcopy(model).eval()
+    model, ref_model = prepare(dist, model, optimizer, ref_model)
     r = config.rollout
     sampling = SamplingSettings(
         temperature=r.temperature,
@@ -176,9 +183,12 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         tokenizer=tokenizer,
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer),
-        engine=build_engine(config, model, tokenizer, model_folder),
+        engine=build_engine(
+            config, model if engine_model is None else engine_model, tokenizer, model_folder
+        ),
         rewards=rewards,
         sampling=sampling,
         dist=dist,
+        engine_model=engine_model,
     )
     return Parts(trainer, train_prompts, eval_prompts)

@@ -15,7 +15,14 @@ import torch
 from rl import algorithms
 from rl.batch import TokenBatch, collate, completion_logps, logps_in_chunks
 from rl.config import Config
-from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics, sum_gradients
+from rl.distributed import (
+    Distributed,
+    all_sum,
+    full_parameters,
+    gather_rows,
+    reduce_metrics,
+    sum_gradients,
+)
 from rl.scoring import WeightedReward, score
 from rollouts.base import RolloutEngine, SamplingSettings
 from rollouts.record import Prompt, Rollout
@@ -37,6 +44,8 @@ class Trainer:
     step: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)  # last step's rollouts, for the log
     dist: Distributed = field(default_factory=Distributed)  # this process among the ranks
+    # FSDP2 with the transformers engine: the whole (unsharded) copy it generates with
+    engine_model: Any | None = None
 
 
 def train_step(
@@ -64,8 +73,7 @@ def train_step(
 
     clock = time.perf_counter()
     trainer.step += 1
-    # every rank calls it: a shared vLLM server takes rank 0's push (rollouts/server.py)
-    trainer.engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
+    sync_engine(trainer)
     timings["timing_s/sync"] = time.perf_counter() - clock
 
     trainer.samples = [rollout_summary(r) for r in rollouts]
@@ -77,6 +85,25 @@ def train_step(
         **timings,
     }
     return {**reduce_metrics(trainer.dist, local_metrics), **update_metrics}
+
+
+def sync_engine(trainer: Trainer) -> None:
+    """The policy's weights into the rollout engine, version ``trainer.step``. Every rank calls it:
+    a shared vLLM server takes rank 0's push (rollouts/server.py); under FSDP2 the whole tensors
+    are gathered first, on every rank, and the transformers engine's copy takes the trained ones."""
+    dist, engine = trainer.dist, trainer.engine
+    if not dist.sharded:
+        engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
+        return
+    copy = trainer.engine_model
+    weights = full_parameters(dist, trainer.model, trainable_only=copy is not None)
+    if copy is not None:
+        own = dict(copy.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                own[name].copy_(tensor)
+        weights = list(copy.named_parameters())
+    engine.update_weights(weights, version=trainer.step)
 
 
 def generate_and_score(
@@ -314,8 +341,11 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
         for name, value in {**stats, **sampler_stats}.items():
             metrics.add(name, float(value), weight)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    sum_gradients(dist, trainable)  # one process: nothing
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.train.max_grad_norm)
+    if dist.sharded:  # FSDP2 reduce-scattered (summed) the gradients after each backward
+        grad_norm = dist.accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)
+    else:
+        sum_gradients(dist, trainable)  # one process: nothing
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.train.max_grad_norm)
     trainer.optimizer.step()
     metrics.add("loss", step_loss, 1.0)
     metrics.add("grad_norm", float(grad_norm), 1.0)
