@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # aha prints its own progress
+    # aha prints its own progress; vLLM's start-up warnings on a CPU (no tcmalloc, no triton,
+    # eager mode, set_num_threads ignored) are about its own tuning, not the run. Set
+    # VLLM_LOGGING_LEVEL=WARNING (or INFO) to see them.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from rl.errors import USER_ERRORS
 
     try:

@@ -69,10 +69,16 @@ class DataConfig:
     eval_split: str = "test"  # split for the held-out evaluation
     eval_size: int = 100  # held-out prompts scored before and after training (0 = none)
     eval_every: int = 0  # also evaluate every N steps during training (0 = only before and after)
+    # Held-out completions per prompt: 1 is greedy; more are sampled at the training temperature
+    # and the accuracy is their mean (pass@1), with pass@k and maj@k beside it.
+    eval_samples: int = 1
     prompt_column: str = "prompt"  # the column holding the question (text or chat messages)
     answer_column: str = "answer"  # renamed to `answer` for the rewards
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the task's own, else no system turn
     task_options: dict[str, Any] = field(default_factory=dict)  # passed to a built-in task's loader
+    # Text the assistant turn starts with, e.g. "<think>" (DeepSeek-R1's advice for making a model
+    # reason inside the tags): part of the response the rewards see, never trained on.
+    response_prefix: str = ""
     max_prompt_tokens: int = 512  # longer prompts are an error naming the row
 
 
@@ -267,6 +273,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -351,19 +362,7 @@ def load_config(
     """Defaults, then the YAML file, then the dotted overrides; validated."""
     data = _defaults_as_data()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            from_file = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(
-                f"{path}: not valid YAML ({error.__class__.__name__}: {str(error).splitlines()[0]})"
-            ) from None
-        if not isinstance(from_file, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        _check_known(from_file, Config, "")
-        data = _merge(data, from_file)
+        data = _merge(data, _read_config_file(Path(path)))
     for text in overrides:
         key, value = parse_override(text)
         _check_known({}, Config, "", dotted_key=key)
@@ -371,6 +370,31 @@ def load_config(
     config = _build(Config, data)
     validate(config)
     return config
+
+
+def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config's keys, on top of the file its ``base:`` names (a path relative to it), so
+    a preset can say "the default recipe, with these knobs changed"."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: base: files include each other")
+    try:
+        from_file = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"{path}: not valid YAML ({error.__class__.__name__}: {str(error).splitlines()[0]})"
+        ) from None
+    if not isinstance(from_file, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    base = from_file.pop("base", None)
+    _check_known(from_file, Config, "")
+    if base is None:
+        return from_file
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path to another config file, got {base!r}")
+    inherited = _read_config_file(path.parent / base, (*chain, path.resolve()))
+    return _merge(inherited, from_file)
 
 
 def _check_known(
@@ -428,6 +452,7 @@ def validate(config: Config) -> None:
         "train.steps": config.train.steps,
         "train.prompts_per_step": config.train.prompts_per_step,
         "train.micro_batch_size": config.train.micro_batch_size,
+        "data.eval_samples": config.data.eval_samples,
     }
     for key, value in positive.items():
         if value < 1:

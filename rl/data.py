@@ -3,6 +3,7 @@ model's chat template."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,7 @@ def render_prompts(
     system_prompt: str | None,
     max_prompt_tokens: int,
     source: str,
+    response_prefix: str = "",
 ) -> list[Prompt]:
     """Each row as chat messages, templated and tokenized; the other columns ride along for the
     rewards (the answer column under the name `answer`)."""
@@ -105,6 +107,8 @@ def render_prompts(
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
+        if response_prefix:
+            ids = [*ids, *tokenizer.encode(response_prefix, add_special_tokens=False)]
         if len(ids) > max_prompt_tokens:
             raise DataError(
                 f"{source}: row {index} prompt has {len(ids)} tokens, over data.max_prompt_tokens={max_prompt_tokens}"
@@ -112,7 +116,7 @@ def render_prompts(
         columns = {k: v for k, v in row.items() if k != prompt_column}
         if answer_column != "answer" and answer_column in columns:
             columns["answer"] = columns.pop(answer_column)
-        prompts.append(Prompt(index=index, messages=messages, ids=list(ids), row=columns))
+        prompts.append(Prompt(index, messages, list(ids), columns, response_prefix=response_prefix))
     return prompts
 
 
@@ -128,10 +132,7 @@ def batches(
         order = list(range(len(prompts)))
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         chosen = order[position * batch_size : (position + 1) * batch_size]
-        yield [
-            Prompt(index=i, messages=prompts[j].messages, ids=prompts[j].ids, row=prompts[j].row)
-            for i, j in enumerate(chosen)
-        ]
+        yield [dataclasses.replace(prompts[j], index=i) for i, j in enumerate(chosen)]
         batch += 1
 
 
@@ -160,6 +161,7 @@ def load_prompts(
         system_prompt_for(dataset, data_config.system_prompt),
         data_config.max_prompt_tokens,
         source,
+        data_config.response_prefix,
     )
 
 

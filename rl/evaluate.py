@@ -42,6 +42,21 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return next(ok for a, ok in zip(answers, correct, strict=True) if a == top)
 
 
+def eval_sampling(rollout_config, n: int, temperature: float | None = None) -> SamplingSettings:
+    """How held-out completions are drawn: greedy for one per prompt, otherwise at the training
+    temperature (and top-p/top-k) unless ``temperature`` says otherwise. ``rollout_config`` is
+    the config's ``rollout`` section; its length cap and stop strings always apply."""
+    if temperature is None:
+        temperature = 0.0 if n == 1 else rollout_config.temperature
+    return SamplingSettings(
+        temperature=temperature,
+        top_p=rollout_config.top_p if temperature > 0 else 1.0,
+        top_k=rollout_config.top_k if temperature > 0 else 0,
+        max_tokens=rollout_config.max_tokens,
+        stop=tuple(rollout_config.stop),
+    )
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
@@ -82,7 +97,7 @@ def evaluate(
         metrics[f"pass@{n}"] = sum(
             pass_at_k(n, sum(correct[j] for j in g), n) for g in groups
         ) / len(groups)
-        answers = [stated_answer(r.completion) for r in rollouts]
+        answers = [stated_answer(r.response) for r in rollouts]
         metrics[f"maj@{n}"] = sum(
             majority_correct([answers[j] for j in g], [correct[j] for j in g]) for g in groups
         ) / len(groups)
@@ -103,7 +118,7 @@ def write_eval(out_dir: Path, name: str, result: EvalResult, extra: dict[str, An
                         if isinstance(messages, list)
                         else messages,
                         "answer": r.prompt.row.get("answer"),
-                        "completion": r.completion,
+                        "completion": r.response,
                         "rewards": r.rewards,
                         "finish_reason": r.finish_reason,
                         "completion_tokens": len(r.completion_ids),
@@ -159,15 +174,7 @@ def run_eval(
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
     engine = setup.build_engine(config, model, tokenizer, model_folder)
     engine.update_weights(model.named_parameters(), version=0)
-    if temperature is None:
-        temperature = 0.0 if n == 1 else config.rollout.temperature
-    sampling = SamplingSettings(
-        temperature=temperature,
-        top_p=config.rollout.top_p if temperature > 0 else 1.0,
-        top_k=config.rollout.top_k if temperature > 0 else 0,
-        max_tokens=config.rollout.max_tokens,
-        stop=tuple(config.rollout.stop),
-    )
+    sampling = eval_sampling(config.rollout, n, temperature)
     needed = required_columns([r.fn for r in rewards])
     out_dir = Path(out) if out else default_out
     results: dict[str, dict[str, float]] = {}

@@ -262,24 +262,27 @@ def _write_plots(run_dir: Path) -> None:
 
 
 def _evaluate(trainer, prompts, run_dir: Path, when: str, tracker=None) -> dict[str, float]:
-    """Greedy held-out accuracy with the training rewards, logged as eval/* at this step."""
-    from rl.evaluate import evaluate
-    from rollouts.base import SamplingSettings
+    """Held-out accuracy with the training rewards (greedy, or pass@1 over data.eval_samples
+    completions at the training temperature), logged as eval/* at this step."""
+    from rl.evaluate import eval_sampling, evaluate
 
-    print(f"Held-out evaluation {when} ({len(prompts)} prompts)...", flush=True)
-    greedy = SamplingSettings(temperature=0.0, max_tokens=trainer.config.rollout.max_tokens)
+    n = trainer.config.data.eval_samples
+    sampling = eval_sampling(trainer.config.rollout, n)
+    how = "greedy" if n == 1 else f"pass@1 of {n} samples at temperature {sampling.temperature:g}"
+    print(f"Held-out evaluation {when} ({len(prompts)} prompts, {how})...", flush=True)
     metrics = evaluate(
         trainer.engine,
         prompts,
         trainer.rewards,
-        greedy,
+        sampling,
+        n=n,
         batch_size=trainer.config.rollout.batch_size,
     ).metrics
     record = {f"eval/{k}": v for k, v in metrics.items()}
     _append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **record})
     if tracker is not None:
         tracker.log(record, trainer.step)
-    print(f"  held-out accuracy {when}: {metrics['accuracy']:.3f}", flush=True)
+    print(f"  held-out accuracy {when}: {metrics['accuracy']:.3f} ({how})", flush=True)
     return metrics
 
 

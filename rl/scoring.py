@@ -66,7 +66,7 @@ def _first_row(rollouts: list[Rollout]) -> str:
     first = rollouts[0]
     messages = first.prompt.messages
     prompt = messages[-1]["content"] if isinstance(messages, list) else messages
-    row = {"prompt": prompt, "completion": first.completion}
+    row = {"prompt": prompt, "completion": first.response}
     row.update({k: v for k, v in first.prompt.row.items() if k not in row})
     return str({k: v[:80] if isinstance(v, str) else v for k, v in row.items()})[:400]
 
@@ -79,7 +79,7 @@ def reward_inputs(rollouts: list[Rollout]) -> dict[str, Any]:
     return {
         "prompts": [r.prompt.messages for r in rollouts],
         "completions": [
-            [{"role": "assistant", "content": r.completion}] if conversational else r.completion
+            [{"role": "assistant", "content": r.response}] if conversational else r.response
             for r in rollouts
         ],
         "completion_ids": [r.completion_ids for r in rollouts],

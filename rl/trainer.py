@@ -413,7 +413,7 @@ def rollout_summary(rollout: Rollout) -> dict[str, Any]:
     prompt_text = messages[-1]["content"] if isinstance(messages, list) else messages
     return {
         "prompt": prompt_text,
-        "completion": rollout.completion,
+        "completion": rollout.response,
         "answer": rollout.prompt.row.get("answer"),
         "rewards": rollout.rewards,
         "reward": rollout.reward,

@@ -22,6 +22,9 @@ class Prompt:
     messages: str | list[dict[str, str]]  # as reward functions receive it (TRL's `prompts`)
     ids: list[int]  # the chat-templated prompt, tokenized
     row: dict[str, Any]  # the dataset row's other columns (answer, tests, ...)
+    # Text the assistant turn already starts with (its tokens end ``ids``), e.g. "<think>" as
+    # DeepSeek-R1 recommends; the rewards see it as the start of the response, the loss never.
+    response_prefix: str = ""
 
 
 @dataclass
@@ -39,6 +42,11 @@ class Rollout:
     rewards: dict[str, float | None] = field(default_factory=dict)  # per reward, unweighted
     reward: float = math.nan  # weighted sum of `rewards` (None counts as 0)
     advantage: float = math.nan
+
+    @property
+    def response(self) -> str:
+        """The whole assistant reply as the rewards see it: the prompt's prefix + completion."""
+        return self.prompt.response_prefix + self.completion
 
     @property
     def group(self) -> int:

@@ -31,6 +31,13 @@ def test_int_is_accepted_for_float():
     assert load_config(None, ["train.learning_rate=1"]).train.learning_rate == 1.0
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 3e-5 as the string "3e-5"; users write it that way all the time.
+    assert load_config(None, ["train.learning_rate=3e-5"]).train.learning_rate == 3e-5
+    config = load_config(write(tmp_path, "train:\n  learning_rate: 1e-6\n"), [])
+    assert config.train.learning_rate == 1e-6
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "overrides", "message"),
     [
@@ -40,6 +47,8 @@ def test_int_is_accepted_for_float():
         ("", ["model.lora.rank=8"], "unknown key 'model.lora.rank'"),
         ("rewards:\n  - name: math\n    wieght: 1\n", [], "unknown key 'rewards.0.wieght'"),
         ("", ["train.steps=many"], "train.steps: expected an integer"),
+        ("", ["train.learning_rate=fast"], "train.learning_rate: expected a number"),
+        ("", ["data.eval_samples=0"], "data.eval_samples: must be at least 1"),
         ("", ["rollout.engine=sglang"], "rollout.engine: 'sglang' is not allowed"),
         ("", ["model.lora.enabled=maybe"], "model.lora.enabled: expected true or false"),
         ("", ["rollout.group_size=1"], "rollout.group_size"),
@@ -73,3 +82,36 @@ def test_saved_config_loads_back_to_the_same_object(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_base_file_is_loaded_first_and_the_preset_wins(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("train:\n  steps: 7\n  learning_rate: 0.5\n")
+    (tmp_path / "preset.yaml").write_text("base: recipe.yaml\ntrain:\n  steps: 3\n")
+    config = load_config(tmp_path / "preset.yaml", ["train.micro_batch_size=2"])
+    assert (config.train.steps, config.train.learning_rate) == (3, 0.5)
+    assert config.train.micro_batch_size == 2
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a.yaml": "base: missing.yaml\n"}, "missing.yaml does not exist"),
+        (
+            {"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"},
+            "base: files include each other",
+        ),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "trian: {}\n"}, "unknown key 'trian'"),
+    ],
+)
+def test_bad_base_file_is_one_line(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_presets_are_the_default_recipe_with_their_knobs():
+    default = load_config(ROOT / "configs" / "default.yaml")
+    dapo = load_config(ROOT / "configs" / "dapo.yaml")
+    assert dapo.data == default.data and dapo.model == default.model
+    assert dapo.algorithm.loss_aggregation == "token_mean" and dapo.algorithm.dynamic_sampling

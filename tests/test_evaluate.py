@@ -63,3 +63,39 @@ def test_training_evaluates_every_n_steps(tiny_overrides, tmp_path):
     lines = (summary.run_dir / "metrics.jsonl").read_text().splitlines()
     eval_steps = [json.loads(line)["step"] for line in lines if "eval/accuracy" in line]
     assert eval_steps == [0, 1, 2]  # before, every step, after (the last step once)
+
+
+def test_sampled_eval_and_a_response_prefix_the_rewards_see(tiny_overrides, tmp_path):
+    """data.eval_samples > 1 reports pass@1 with pass@k and maj@k beside it; a response prefix
+    ends every prompt's tokens and starts every completion the rewards (and logs) see."""
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            *tiny_overrides,
+            "train.steps=1",
+            "data.eval_size=3",
+            "data.eval_samples=2",
+            "data.response_prefix=<think>",
+        ],
+    )
+    summary = train(config, progress=False)
+    lines = [json.loads(x) for x in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    before = next(line for line in lines if line["step"] == 0 and "eval/accuracy" in line)
+    assert {"eval/pass@2", "eval/maj@2"} <= set(before)
+    samples = [json.loads(x) for x in (summary.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["completion"].startswith("<think>") for s in samples)
+
+
+def test_a_response_prefix_ends_the_prompt_tokens():
+    from rl.data import render_prompts
+    from rl.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("tiny-random"))
+    rows = [{"prompt": "1+1?", "answer": "2"}]
+    plain, prefixed = (
+        render_prompts(rows, tokenizer, "prompt", "answer", None, 512, "test", prefix)[0]
+        for prefix in ("", "<think>")
+    )
+    prefix_ids = tokenizer.encode("<think>", add_special_tokens=False)
+    assert prefixed.ids == plain.ids + prefix_ids
+    assert prefixed.response_prefix == "<think>" and plain.response_prefix == ""
