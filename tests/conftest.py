@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# trackio fixes its data folder when it is first imported, by whichever test that is: one folder
+# for the whole session, set before any import, keeps its databases out of the home folder.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="aha-tests-trackio-")
+TRACKIO_DIR = Path(os.environ["TRACKIO_DIR"])
 
 
 @pytest.fixture

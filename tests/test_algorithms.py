@@ -15,8 +15,17 @@ from rl.algorithms import (
     SAMPLER_CORRECTIONS,
 )
 
-torch.set_default_dtype(torch.float64)
 EPS = algorithms.STD_EPS
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Hand-computed values in float64, for this module's tests only: set at import, the default
+    dtype would leak into every test collected after it (LoRA adapters made in float64, say)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def t(*rows):

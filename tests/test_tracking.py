@@ -8,7 +8,7 @@ import json
 import struct
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TRACKIO_DIR
 
 from rl.config import ConfigError, load_config
 from rl.run import train
@@ -51,8 +51,6 @@ def tracked_run(tmp_path_factory):
         for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
             env.setenv(name, str(root / name.lower()))
         env.delenv("WANDB_API_KEY", raising=False)
-        # trackio reads TRACKIO_DIR when first imported, which is when the run opens it
-        env.setenv("TRACKIO_DIR", str(root / "trackio"))
         for name in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "HF_TOKEN"):
             env.delenv(name, raising=False)
         train(load_config(ROOT / "configs" / "tiny.yaml", overrides), progress=False)
@@ -169,7 +167,7 @@ def test_wandb_offline_run_holds_the_same_metrics_and_sample_tables(tracked_run)
 def test_trackio_database_holds_the_same_metrics_and_sample_tables(tracked_run):
     import sqlite3
 
-    database = tracked_run.parent / "trackio" / "aha.db"
+    database = TRACKIO_DIR / "aha.db"  # tests/conftest.py
     with sqlite3.connect(database) as db:
         rows = db.execute(
             "SELECT step, metrics FROM metrics WHERE run_name = 'run' ORDER BY id"
@@ -207,8 +205,7 @@ def test_trackio_continues_a_run_only_when_aha_resumes_it(tracked_run, tmp_path)
         tracker = TrackioTracker(run_dir, config)
         tracker.log({"reward/mean": float(step)}, step)
         tracker.close()
-    # the fixture's run opened trackio first, so its folder is the fixture's TRACKIO_DIR
-    with sqlite3.connect(tracked_run.parent / "trackio" / "aha-resume.db") as db:
+    with sqlite3.connect(TRACKIO_DIR / "aha-resume.db") as db:
         rows = db.execute("SELECT run_id, step FROM metrics ORDER BY id").fetchall()
     assert len({run_id for run_id, _ in rows}) == 2
     assert rows[2] == (rows[1][0], 2)  # the resumed run is the latest of that name
