@@ -43,5 +43,6 @@ def model_flops_utilisation(model, tokens_per_second: float) -> float | None:
     peak = peak_flops(device)
     if peak is None:
         return None
-    parameters = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return 6 * parameters * tokens_per_second / peak

@@ -77,6 +77,7 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     from rl.distributed import (
         barrier,
         check_world,
+        describe,
         full_optimizer_state,
         full_state_dict,
         gather_objects,
@@ -94,6 +95,8 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
         config = saved
     check_world(config, dist)
     main = dist.is_main
+    if main and dist.enabled:
+        print(f"Training on {dist.world_size} processes: {describe(dist)}", flush=True)
     run_dir = _shared_run_dir(config, config_path, dist)
     checkpoint = latest_checkpoint(run_dir) if resuming else None
     if resuming and checkpoint is None:

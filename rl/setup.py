@@ -162,12 +162,19 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         betas=tuple(config.train.adam_betas),
         weight_decay=config.train.weight_decay,
     )
-    # FSDP2: the transformers engine generates with a whole copy on each rank (a sharded model's
-    # forward is a collective, and ranks generate different lengths); synced after each step.
+    # FSDP2, ZeRO-3: the transformers engine generates with a whole copy on each rank (a sharded
+    # model's forward is a collective, and ranks generate different lengths); synced each step.
     engine_model = None
-    if dist.sharded and config.rollout.engine == "transformers":
+    if dist.partitioned_weights and config.rollout.engine == "transformers":
         engine_model = copy.deepcopy(model).eval()
-    model, ref_model = prepare(dist, model, optimizer, ref_model)
+    model, ref_model = prepare(
+        dist,
+        model,
+        optimizer,
+        ref_model,
+        micro_batch_size=config.train.micro_batch_size,
+        max_grad_norm=config.train.max_grad_norm,
+    )
     r = config.rollout
     sampling = SamplingSettings(
         temperature=r.temperature,

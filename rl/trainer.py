@@ -18,6 +18,9 @@ from rl.config import Config
 from rl.distributed import (
     Distributed,
     all_sum,
+    deepspeed_backward,
+    deepspeed_forward,
+    deepspeed_grad_norm,
     full_parameters,
     gather_rows,
     reduce_metrics,
@@ -44,7 +47,7 @@ class Trainer:
     step: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)  # last step's rollouts, for the log
     dist: Distributed = field(default_factory=Distributed)  # this process among the ranks
-    # FSDP2 with the transformers engine: the whole (unsharded) copy it generates with
+    # FSDP2 or ZeRO-3 with the transformers engine: the whole (unsharded) copy it generates with
     engine_model: Any | None = None
 
 
@@ -89,10 +92,11 @@ def train_step(
 
 def sync_engine(trainer: Trainer) -> None:
     """The policy's weights into the rollout engine, version ``trainer.step``. Every rank calls it:
-    a shared vLLM server takes rank 0's push (rollouts/server.py); under FSDP2 the whole tensors
-    are gathered first, on every rank, and the transformers engine's copy takes the trained ones."""
+    a shared vLLM server takes rank 0's push (rollouts/server.py); under FSDP2 and ZeRO-3 the
+    whole tensors are gathered first, on every rank, and the transformers engine's copy takes the
+    trained ones."""
     dist, engine = trainer.dist, trainer.engine
-    if not dist.sharded:
+    if not dist.partitioned_weights:
         engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
         return
     copy = trainer.engine_model
@@ -230,7 +234,7 @@ def policy_update(
                 batch,
                 chunk,
                 temperature,
-                config.train.logps_chunk_tokens,
+                chunk_tokens(trainer),
                 config.train.share_prompts,
             )
         batch = replace(batch, old_logps=old_logps)
@@ -262,6 +266,13 @@ def policy_update(
     }
 
 
+def chunk_tokens(trainer: Trainer) -> int:
+    """``train.logps_chunk_tokens``, or 0 under ZeRO-3: there every call of the output layer
+    gathers its weight from all ranks, and the ranks' chunk counts differ (their token counts
+    do), so the logits of the completion region are computed in the model's forward instead."""
+    return 0 if trainer.dist.zero_stage == 3 else trainer.config.train.logps_chunk_tokens
+
+
 def autocast(trainer: Trainer):
     """bf16 autocast of the trainer's forward passes on a GPU (``train.bf16_autocast``): matmuls
     in bf16, fp32 weights and optimizer; the log-softmax is float32 either way. A no-op on CPUs,
@@ -286,19 +297,23 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
     device = next(model.parameters()).device
 
     model.train()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    if not dist.deepspeed:  # DeepSpeed zeroes its gradients after each step
+        trainer.optimizer.zero_grad(set_to_none=True)
     step_loss = 0.0
     order = micro_batch_order(batch, config.train.share_prompts)
-    for start in range(0, len(batch), config.train.micro_batch_size):
-        micro = batch.select(order[start : start + config.train.micro_batch_size])
+    micro_size = config.train.micro_batch_size
+    for start in range(0, len(batch), micro_size):
+        micro = batch.select(order[start : start + micro_size])
         mask = micro.completion_mask.to(device)
+        if dist.deepspeed:
+            deepspeed_forward(dist)
         with autocast(trainer):
             logps, entropy = completion_logps(
                 model,
                 micro,
                 config.rollout.temperature,
                 True,
-                config.train.logps_chunk_tokens,
+                chunk_tokens(trainer),
                 config.train.share_prompts,
             )
         old_logps = logps.detach() if micro.old_logps is None else micro.old_logps.to(device)
@@ -335,18 +350,24 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
             ref_logps=None if micro.ref_logps is None else micro.ref_logps.to(device),
             kl_estimator=algorithm.kl_estimator,
         )
-        loss.backward()
+        if dist.deepspeed:  # the last micro-batch's backward also clips and steps
+            deepspeed_backward(dist, loss, last=start + micro_size >= len(batch))
+        else:
+            loss.backward()
         step_loss += float(loss.detach())
         metrics.add("entropy", float(algorithms.masked_mean(entropy, mask)), weight)
         for name, value in {**stats, **sampler_stats}.items():
             metrics.add(name, float(value), weight)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if dist.sharded:  # FSDP2 reduce-scattered (summed) the gradients after each backward
+    if dist.deepspeed:  # DeepSpeed averaged (x world size: summed), clipped and stepped
+        grad_norm = deepspeed_grad_norm(dist)
+    elif dist.sharded:  # FSDP2 reduce-scattered (summed) the gradients after each backward
         grad_norm = dist.accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)
+        trainer.optimizer.step()
     else:
         sum_gradients(dist, trainable)  # one process: nothing
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.train.max_grad_norm)
-    trainer.optimizer.step()
+        trainer.optimizer.step()
     metrics.add("loss", step_loss, 1.0)
     metrics.add("grad_norm", float(grad_norm), 1.0)
 
@@ -396,7 +417,7 @@ def reference_logps(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
     model with its adapters disabled (the base weights the adapters started from)."""
     config = trainer.config
     chunk, temperature = config.train.micro_batch_size, config.rollout.temperature
-    tokens, share = config.train.logps_chunk_tokens, config.train.share_prompts
+    tokens, share = chunk_tokens(trainer), config.train.share_prompts
     if trainer.ref_model is not None:
         with autocast(trainer):
             return logps_in_chunks(trainer.ref_model, batch, chunk, temperature, tokens, share)

@@ -8,12 +8,14 @@ counts, gradients are summed across ranks, and metrics are reduced. After two st
 the metrics and every parameter of the 2-process run equal the 1-process run's.
 
 The same holds under FSDP2 (accelerate's ``fully_shard``, the model, gradients and optimizer state
-split across the two ranks), including a checkpoint written under FSDP2 halfway and the run
-rebuilt from it (``from_pretrained`` weights, the optimizer state re-sharded).
+split across the two ranks) and DeepSpeed ZeRO-2 and ZeRO-3 (DeepSpeed's engine reduces, clips
+and steps), including a checkpoint written halfway and the run rebuilt from it
+(``from_pretrained`` weights, the optimizer state re-sharded).
 
 End-to-end ``accelerate launch`` runs on the CPU (slow; accelerate's ``--cpu`` flag starts several
 processes only through mpirun), plain data parallel and with configs/accelerate/fsdp2.yaml,
-check the launcher, that rank 0 alone writes the run folder, and resume.
+deepspeed_zero2.yaml and deepspeed_zero3.yaml, check the launcher, that rank 0 alone writes the
+run folder, and resume.
 """
 
 import json
@@ -56,6 +58,19 @@ FSDP2_ENV = {
     "FSDP_RESHARD_AFTER_FORWARD": "true",
     "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
 }
+# ... and `accelerate launch --config_file configs/accelerate/deepspeed_zero{2,3}.yaml`.
+DEEPSPEED_ENV = {
+    stage: {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage),
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+        "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+    }
+    for stage in (2, 3)
+}
+ENVS = {"ddp": None, "fsdp2": FSDP2_ENV, "zero2": DEEPSPEED_ENV[2], "zero3": DEEPSPEED_ENV[3]}
 
 
 class FixedEngine:
@@ -119,7 +134,7 @@ def train_fixed(config_overrides, dist: Distributed, out_path=None, reload_after
         "metrics": metrics,
         "weights": {k: v.detach().clone() for k, v in full_parameters(dist, trainer.model)},
     }
-    if trainer.engine_model is not None:  # FSDP2: the transformers engine's whole copy
+    if trainer.engine_model is not None:  # FSDP2, ZeRO-3: the transformers engine's whole copy
         result["engine_weights"] = dict(trainer.engine_model.named_parameters())
     if out_path is not None and dist.is_main:
         torch.save(result, out_path)
@@ -128,7 +143,8 @@ def train_fixed(config_overrides, dist: Distributed, out_path=None, reload_after
 
 def checkpoint_and_rebuild(trainer, config, dist: Distributed):
     """What run.py does: save (whole weights and optimizer state gathered to rank 0 under
-    FSDP2), then a fresh trainer from the checkpoint (``from_pretrained``) with its state."""
+    FSDP2 and DeepSpeed), then a fresh trainer from the checkpoint (``from_pretrained``) with its
+    state."""
     from pathlib import Path
 
     from rl import distributed, setup
@@ -153,7 +169,7 @@ def checkpoint_and_rebuild(trainer, config, dist: Distributed):
     distributed.barrier(dist)
     checkpoint = run_dir / "checkpoints" / f"step-{trainer.step}"
     state, payload = load_trainer_state(checkpoint)
-    if dist.sharded:  # as in a new process: the accelerator forgets the old model
+    if dist.accelerator is not None:  # as in a new process: the accelerator forgets the old model
         dist.accelerator.free_memory()
     fresh = setup.build(config, checkpoint, dist).trainer
     distributed.load_optimizer_state(dist, fresh.model, fresh.optimizer, payload["optimizer"])
@@ -176,7 +192,8 @@ def _worker(rank, world, port, config_overrides, out_path, env=None, reload_afte
 
     dist = distributed.init()
     assert dist.world_size == world and dist.rank == rank
-    assert dist.sharded == bool(env)
+    assert (dist.accelerator is not None) == bool(env)
+    assert dist.zero_stage == int((env or {}).get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
     try:
         train_fixed(config_overrides, dist, out_path, reload_after)
     finally:
@@ -199,6 +216,12 @@ def free_port() -> int:
         # the sharded reference model, and a checkpoint written and reloaded under FSDP2
         ("fsdp2", "dapo_batch_scaled_kl", 1),
         ("fsdp2", "grpo_lora_kl", 1),
+        ("zero2", "grpo", None),
+        ("zero3", "grpo", None),
+        # a whole reference on each rank; a checkpoint written and reloaded under DeepSpeed
+        ("zero2", "dapo_batch_scaled_kl", 1),
+        ("zero3", "dapo_batch_scaled_kl", 1),
+        ("zero2", "grpo_lora_kl", 1),
     ],
 )
 def test_two_processes_train_exactly_what_one_process_trains(
@@ -207,7 +230,7 @@ def test_two_processes_train_exactly_what_one_process_trains(
     config_overrides = overrides(tmp_path, algorithm)
     one = train_fixed(config_overrides, Distributed())
     out_path = tmp_path / "two.pt"
-    env = FSDP2_ENV if sharding == "fsdp2" else None
+    env = ENVS[sharding]
     mp.spawn(
         _worker,
         args=(2, free_port(), config_overrides, out_path, env, reload_after),
@@ -215,7 +238,7 @@ def test_two_processes_train_exactly_what_one_process_trains(
         join=True,
     )
     two = torch.load(out_path, weights_only=False)
-    if sharding == "fsdp2":  # the engine generates with what was trained
+    if sharding in ("fsdp2", "zero3"):  # the engine generates with what was trained
         assert two["engine_weights"].keys() == two["weights"].keys()
         for name, weight in two["weights"].items():
             assert torch.equal(two["engine_weights"][name], weight), name
@@ -279,11 +302,19 @@ def test_one_process_has_no_distributed_calls(monkeypatch):
         # torchrun underneath; without CUDA aha picks gloo on the CPU
         ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
         ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml")],
+        ["--config_file", str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml")],
+        ["--config_file", str(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml")],
     ],
-    ids=["ddp", "fsdp2"],
+    ids=["ddp", "fsdp2", "zero2", "zero3"],
 )
-def test_accelerate_launch_two_cpu_processes_then_resume(tmp_path, launch_options):
+def test_accelerate_launch_two_cpu_processes_then_resume(tmp_path, request, launch_options):
     run_dir = tmp_path / "run"
+    expected = {
+        "ddp": "data parallel",
+        "fsdp2": "FSDP2",
+        "zero2": "DeepSpeed ZeRO-2",
+        "zero3": "DeepSpeed ZeRO-3",
+    }[request.node.callspec.id]
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -306,6 +337,8 @@ def test_accelerate_launch_two_cpu_processes_then_resume(tmp_path, launch_option
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"Training on 2 processes: {expected}" in done.stdout  # rank 0 alone says it
+        assert done.stdout.count("Training on 2 processes") == 1
 
     reward = f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count', weight: 1.0}}]"
     launch(str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}", reward, "train.steps=2")
@@ -327,15 +360,31 @@ def test_accelerate_launch_two_cpu_processes_then_resume(tmp_path, launch_option
 
 
 def test_unsupported_accelerate_configs_are_refused_at_start_up(monkeypatch):
-    """DeepSpeed, FSDP1 and FSDP's own activation checkpointing: a clear error before any model
-    loads (and, for DeepSpeed, before accelerate would start DeepSpeed's process group)."""
+    """FSDP1, FSDP's own activation checkpointing, and DeepSpeed set-ups aha does not run: a
+    clear error before any model loads (for DeepSpeed, before any process group starts)."""
     from rl import distributed
     from rl.config import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="DEEPSPEED is not supported"):
+    for stage in ("0", "1"):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+        with pytest.raises(ConfigError, match=f"zero_stage {stage} is not supported"):
+            distributed.init()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(ConfigError, match="offload_optimizer to 'cpu' is not supported"):
         distributed.init()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be 1"):
+        distributed.init()
+    assert not torch.distributed.is_initialized()
+    lora = load_config(ROOT / "configs" / "tiny.yaml", ["model.lora.enabled=true"])
+    with pytest.raises(ConfigError, match="lora.enabled with DeepSpeed ZeRO-3 is not supported"):
+        distributed.check_world(lora, Distributed(world_size=2, zero_stage=3))
+    distributed.check_world(lora, Distributed(world_size=2, zero_stage=2))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP version 1 is not supported"):
         distributed._fsdp2_accelerator(cpu=True)
