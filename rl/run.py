@@ -72,18 +72,9 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
 
 def _train(config: Config, config_path: str | None, progress: bool, dist) -> RunSummary:
     from rl import setup
-    from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint
+    from rl.checkpoint import latest_checkpoint, load_trainer_state
     from rl.data import batches
-    from rl.distributed import (
-        barrier,
-        check_world,
-        describe,
-        full_optimizer_state,
-        full_state_dict,
-        gather_objects,
-        load_optimizer_state,
-        shard,
-    )
+    from rl.distributed import barrier, check_world, describe, load_optimizer_state, shard
     from rl.perf import model_flops_utilisation
     from rl.trainer import sync_engine, train_step
 
@@ -154,25 +145,7 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
             _log_step(trainer, metrics, run_dir, tracker)
         last = trainer.step == config.train.steps
         if last or (config.train.save_every and trainer.step % config.train.save_every == 0):
-            rng_ranks = gather_objects(dist, rng_state()) if dist.enabled else None
-            # FSDP2: whole weights and optimizer state gathered to rank 0 (every rank takes part)
-            weights = full_state_dict(dist, trainer.model)
-            optimizer_state = full_optimizer_state(dist, trainer.model, trainer.optimizer)
-            if main:
-                save_checkpoint(
-                    run_dir,
-                    trainer.step,
-                    trainer.model,
-                    trainer.tokenizer,
-                    trainer.optimizer,
-                    trainer.scheduler,
-                    extra,
-                    config.train.keep_checkpoints,
-                    rng_ranks=rng_ranks,
-                    model_state=weights,
-                    optimizer_state=optimizer_state,
-                )
-            barrier(dist)
+            save_step(trainer, run_dir, dist, extra, config.train.keep_checkpoints)
         every = config.data.eval_every
         if parts.eval_prompts and every and trainer.step % every == 0 and not last:
             if main:
@@ -208,6 +181,33 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     _write_plots(run_dir)
     print_summary(summary, run_dir)
     return summary
+
+
+def save_step(trainer, run_dir: Path, dist, extra: dict[str, Any], keep: int) -> None:
+    """RUN_DIR/checkpoints/step-N for the trainer's step. Every rank takes part: under FSDP2 and
+    DeepSpeed the whole weights and optimizer state are gathered to rank 0, with every rank's
+    RNG state; rank 0 alone writes."""
+    from rl.checkpoint import rng_state, save_checkpoint
+    from rl.distributed import barrier, full_optimizer_state, full_state_dict, gather_objects
+
+    rng_ranks = gather_objects(dist, rng_state()) if dist.enabled else None
+    weights = full_state_dict(dist, trainer.model)
+    optimizer_state = full_optimizer_state(dist, trainer.model, trainer.optimizer)
+    if dist.is_main:
+        save_checkpoint(
+            run_dir,
+            trainer.step,
+            trainer.model,
+            trainer.tokenizer,
+            trainer.optimizer,
+            trainer.scheduler,
+            extra,
+            keep,
+            rng_ranks=rng_ranks,
+            model_state=weights,
+            optimizer_state=optimizer_state,
+        )
+    barrier(dist)
 
 
 def _shared_run_dir(config: Config, config_path: str | None, dist) -> Path:

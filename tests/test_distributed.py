@@ -142,31 +142,17 @@ def train_fixed(config_overrides, dist: Distributed, out_path=None, reload_after
 
 
 def checkpoint_and_rebuild(trainer, config, dist: Distributed):
-    """What run.py does: save (whole weights and optimizer state gathered to rank 0 under
-    FSDP2 and DeepSpeed), then a fresh trainer from the checkpoint (``from_pretrained``) with its
-    state."""
+    """Save as a run does (``rl.run.save_step``: whole weights and optimizer state gathered to
+    rank 0 under FSDP2 and DeepSpeed), then a fresh trainer from the checkpoint
+    (``from_pretrained``) with its state."""
     from pathlib import Path
 
     from rl import distributed, setup
-    from rl.checkpoint import load_trainer_state, save_checkpoint
+    from rl.checkpoint import load_trainer_state
+    from rl.run import save_step
 
-    weights = distributed.full_state_dict(dist, trainer.model)
-    optimizer_state = distributed.full_optimizer_state(dist, trainer.model, trainer.optimizer)
     run_dir = Path(config.run_dir)
-    if dist.is_main:
-        save_checkpoint(
-            run_dir,
-            trainer.step,
-            trainer.model,
-            trainer.tokenizer,
-            trainer.optimizer,
-            trainer.scheduler,
-            {},
-            keep=2,
-            model_state=weights,
-            optimizer_state=optimizer_state,
-        )
-    distributed.barrier(dist)
+    save_step(trainer, run_dir, dist, {}, keep=2)
     checkpoint = run_dir / "checkpoints" / f"step-{trainer.step}"
     state, payload = load_trainer_state(checkpoint)
     if dist.accelerator is not None:  # as in a new process: the accelerator forgets the old model
