@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 TRAIN_HELP = """\
 Train a policy with a GRPO-family algorithm.
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     # eager mode, set_num_threads ignored) are about its own tuning, not the run. Set
     # VLLM_LOGGING_LEVEL=WARNING (or INFO) to see them.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if not Path("/dev/nvidia0").exists():
+        # accelerate imports DeepSpeed where it is installed, and DeepSpeed's accelerator probe
+        # warns on every machine without a GPU; naming the CPU accelerator skips the probe.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from rl.errors import USER_ERRORS
 
     try:
