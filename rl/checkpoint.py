@@ -61,7 +61,7 @@ def save_checkpoint(
 ) -> Path:
     """``rng_ranks``: every rank's RNG state in a multi-process run (``rng`` is rank 0's).
     ``model_state`` and ``optimizer_state``: the whole ones when the model is sharded (FSDP2,
-    gathered by rl.distributed), saved instead of the model's and optimizer's own."""
+    gathered by rl.sharded), saved instead of the model's and optimizer's own."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"

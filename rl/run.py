@@ -74,8 +74,9 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     from rl import setup
     from rl.checkpoint import latest_checkpoint, load_trainer_state
     from rl.data import batches
-    from rl.distributed import barrier, check_world, describe, load_optimizer_state, shard
+    from rl.distributed import barrier, check_world, describe, shard
     from rl.perf import model_flops_utilisation
+    from rl.sharded import load_optimizer_state
     from rl.trainer import sync_engine, train_step
 
     started = time.time()
@@ -188,7 +189,8 @@ def save_step(trainer, run_dir: Path, dist, extra: dict[str, Any], keep: int) ->
     DeepSpeed the whole weights and optimizer state are gathered to rank 0, with every rank's
     RNG state; rank 0 alone writes."""
     from rl.checkpoint import rng_state, save_checkpoint
-    from rl.distributed import barrier, full_optimizer_state, full_state_dict, gather_objects
+    from rl.distributed import barrier, gather_objects
+    from rl.sharded import full_optimizer_state, full_state_dict
 
     rng_ranks = gather_objects(dist, rng_state()) if dist.enabled else None
     weights = full_state_dict(dist, trainer.model)

@@ -10,9 +10,10 @@ import torch
 
 from rl.config import Config, ConfigError
 from rl.data import load_prompts, required_columns
-from rl.distributed import Distributed, broadcast_parameters, prepare
+from rl.distributed import Distributed, broadcast_parameters
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.scoring import WeightedReward
+from rl.sharded import prepare
 from rl.trainer import Trainer, seed_everything
 from rollouts.base import SamplingSettings
 from rollouts.record import Prompt

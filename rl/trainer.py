@@ -15,18 +15,9 @@ import torch
 from rl import algorithms
 from rl.batch import TokenBatch, collate, completion_logps, logps_in_chunks
 from rl.config import Config
-from rl.distributed import (
-    Distributed,
-    all_sum,
-    deepspeed_backward,
-    deepspeed_forward,
-    deepspeed_grad_norm,
-    full_parameters,
-    gather_rows,
-    reduce_metrics,
-    sum_gradients,
-)
+from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics, sum_gradients
 from rl.scoring import WeightedReward, score
+from rl.sharded import deepspeed_backward, deepspeed_forward, deepspeed_grad_norm, full_parameters
 from rollouts.base import RolloutEngine, SamplingSettings
 from rollouts.record import Prompt, Rollout
 

@@ -32,7 +32,8 @@ from conftest import FIXTURES, ROOT
 
 from rl.config import load_config
 from rl.data import batches
-from rl.distributed import Distributed, full_parameters, reduce_metrics
+from rl.distributed import Distributed, reduce_metrics
+from rl.sharded import full_parameters
 from rollouts.record import Rollout
 
 STEPS = 2
@@ -147,7 +148,7 @@ def checkpoint_and_rebuild(trainer, config, dist: Distributed):
     (``from_pretrained``) with its state."""
     from pathlib import Path
 
-    from rl import distributed, setup
+    from rl import setup, sharded
     from rl.checkpoint import load_trainer_state
     from rl.run import save_step
 
@@ -158,7 +159,7 @@ def checkpoint_and_rebuild(trainer, config, dist: Distributed):
     if dist.accelerator is not None:  # as in a new process: the accelerator forgets the old model
         dist.accelerator.free_memory()
     fresh = setup.build(config, checkpoint, dist).trainer
-    distributed.load_optimizer_state(dist, fresh.model, fresh.optimizer, payload["optimizer"])
+    sharded.load_optimizer_state(dist, fresh.model, fresh.optimizer, payload["optimizer"])
     fresh.scheduler.load_state_dict(payload["scheduler"])
     fresh.step = state["step"]
     fresh.engine = FixedEngine(fresh.tokenizer)
@@ -348,7 +349,7 @@ def test_accelerate_launch_two_cpu_processes_then_resume(tmp_path, request, laun
 def test_unsupported_accelerate_configs_are_refused_at_start_up(monkeypatch):
     """FSDP1, FSDP's own activation checkpointing, and DeepSpeed set-ups aha does not run: a
     clear error before any model loads (for DeepSpeed, before any process group starts)."""
-    from rl import distributed
+    from rl import distributed, sharded
     from rl.config import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -373,11 +374,11 @@ def test_unsupported_accelerate_configs_are_refused_at_start_up(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP version 1 is not supported"):
-        distributed._fsdp2_accelerator(cpu=True)
+        sharded.fsdp2_accelerator(cpu=True)
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
     with pytest.raises(ConfigError, match="model.gradient_checkpointing"):
-        distributed._fsdp2_accelerator(cpu=True)
+        sharded.fsdp2_accelerator(cpu=True)
 
 
 def test_optimizer_state_loads_across_formats():
@@ -385,7 +386,7 @@ def test_optimizer_state_loads_across_formats():
     fresh optimizer alike, whichever way the model is held."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from rl.distributed import load_optimizer_state
+    from rl.sharded import load_optimizer_state
 
     def trained():
         torch.manual_seed(0)
