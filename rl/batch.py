@@ -201,8 +201,19 @@ def _shared_prompt_forward(
     width, device = batch.prompt_width, input_ids.device
     first_rows, inverse = first_rows.to(device), inverse.to(device)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    # One embedding lookup for both calls: its backward writes a [V, H] gradient of the whole
+    # table (zeroed, filled, then added to the output layer's when they are tied), once not
+    # twice. Not with sharded weights: the table is gathered by the model's own forward.
+    embedding = model.get_input_embeddings()
+    if type(embedding.weight) is torch.nn.Parameter and not hasattr(embedding.weight, "ds_id"):
+        embeddings = embedding(input_ids)  # [B, P+T, H]
+        prompt_inputs = {"inputs_embeds": embeddings[first_rows, :width]}
+        completion_inputs = {"inputs_embeds": embeddings[:, width:]}
+    else:
+        prompt_inputs = {"input_ids": input_ids[first_rows, :width]}
+        completion_inputs = {"input_ids": input_ids[:, width:]}
     prompt = model(
-        input_ids=input_ids[first_rows, :width],
+        **prompt_inputs,
         attention_mask=attention_mask[first_rows, :width],
         position_ids=position_ids[first_rows, :width],
         past_key_values=DynamicCache(),
@@ -212,7 +223,7 @@ def _shared_prompt_forward(
     cache = prompt.past_key_values
     cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...], differentiable
     completion = model(
-        input_ids=input_ids[:, width:],
+        **completion_inputs,
         attention_mask=attention_mask,
         position_ids=position_ids[:, width:],
         past_key_values=cache,
@@ -227,15 +238,51 @@ def _token_logps(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [..., V], targets [...] -> log-probs [...], entropy [...] (or None), in float32."""
-    logits = logits.float() / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)  # [...]
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():  # H = log Z - sum p * logit; no [.., V] log-softmax kept
-            probs = torch.softmax(logits, dim=-1)
-            entropy = log_norm - (probs * logits).sum(dim=-1)
-    return logps, entropy
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        log_norm = torch.logsumexp(logits, dim=-1)  # [...]
+        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        return logps, _entropy(logits, log_norm) if with_entropy else None
+    logps, entropy = TokenLogProbs.apply(logits, targets)
+    return logps, entropy if with_entropy else None
+
+
+def _entropy(logits: torch.Tensor, log_norm: torch.Tensor, probs: torch.Tensor | None = None):
+    """H = log Z - sum_v p_v * logit_v, the sum as a batched dot product (no [.., V] product)."""
+    if probs is None:
+        probs = torch.exp(logits - log_norm.unsqueeze(-1))
+    return log_norm - (probs.unsqueeze(-2) @ logits.unsqueeze(-1)).flatten(-3)
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits)[target] with its gradient made from the probabilities, the one
+    [..., V] tensor kept for backward: d logp / d logits = onehot(target) - p. Autograd's own
+    logsumexp and gather would keep the logits and, in backward, make exp(logits - log Z), the
+    gather's scattered zeros and their sum, three more passes over [..., V] (for SmolLM2's 49k
+    vocabulary, 100 MB each per 512 tokens). The entropy comes free from the same probabilities
+    (no gradient: it is logged, not trained on).
+
+    logits [..., V] float, targets [...] long -> logps [...], entropy [...]
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+        log_norm = torch.logsumexp(logits, dim=-1)
+        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        probs = torch.exp(logits - log_norm.unsqueeze(-1))
+        entropy = _entropy(logits, log_norm, probs)
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, _grad_entropy):
+        probs, targets = ctx.saved_tensors
+        grad = probs * -grad_logps.unsqueeze(-1)  # [..., V]
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))
+        return grad, None
 
 
 def _chunk_logps(output_layer, hidden, targets, temperature: float, with_entropy: bool):

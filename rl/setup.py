@@ -162,6 +162,7 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         lr=config.train.learning_rate,
         betas=tuple(config.train.adam_betas),
         weight_decay=config.train.weight_decay,
+        fused=True,
     )
     # FSDP2, ZeRO-3: the transformers engine generates with a whole copy on each rank (a sharded
     # model's forward is a collective, and ranks generate different lengths); synced each step.

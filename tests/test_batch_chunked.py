@@ -103,3 +103,17 @@ def test_memory_benchmark_measures_each_variant_in_its_own_process(capsys):
     memory.main(["--model", "wide-tiny", "--batch", "1", "--prompt", "4", "--completion", "16"])
     out = capsys.readouterr().out
     assert all(variant in out for variant in memory.VARIANTS) and "failed" not in out
+
+
+def test_token_log_probs_and_entropy_against_log_softmax_with_gradients():
+    from rl.batch import TokenLogProbs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 40, (3, 5))
+    assert torch.autograd.gradcheck(lambda x: TokenLogProbs.apply(x, targets)[0], (logits,))
+    logps, entropy = TokenLogProbs.apply(logits, targets)
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(logps, log_softmax.gather(-1, targets[..., None]).squeeze(-1))
+    torch.testing.assert_close(entropy, -(log_softmax.exp() * log_softmax).sum(dim=-1))
+    assert not entropy.requires_grad  # logged, never trained on
