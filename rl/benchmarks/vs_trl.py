@@ -1,13 +1,16 @@
 """aha's training step against TRL 1.16's GRPOTrainer at equal settings, on this machine.
 
     python -m rl.benchmarks.vs_trl                       # SmolLM2, 2 prompts x 4, 64 tokens
+    python -m rl.benchmarks.vs_trl --steps 5 --rounds 2  # TRL, aha, TRL, aha: steps pooled
     python -m rl.benchmarks.vs_trl --model tiny-random --steps 8
 
 Same model (fp32), same prompts (the arithmetic task's first training rows, chat-templated by
 the same tokenizer), same reward function (``tag_count``, cheap and pure, so the step's cost is
 the model's), group size, completion length, generation batch (prompts x group in one
 ``generate`` call, one optimizer step per generation batch), learning rate, gradient clipping,
-beta 0, the GRPO loss, transformers generation (``use_vllm=False``), ``bf16=False``, no gradient
+beta 0, the GRPO loss, transformers generation (TRL: ``use_vllm=False``, its ``model.generate``;
+aha: ``rollout.engine=transformers``, aha's own decode loop over the same transformers model,
+same sampling distribution), ``bf16=False``, no gradient
 checkpointing on either side (TRL's default turns it on), the same torch threads. Each trainer
 runs in its own fresh process, one after the other; the first step of each is a warm-up and
 is left out. Printed: the median step time, completion tokens per second (tokens generated and
@@ -33,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=64, help="completion length cap")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run TRL then aha this many times and pool the steps (a shared machine's speed drifts)",
+    )
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument("--only", choices=["aha", "trl"], default=None)
@@ -192,20 +201,23 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     forwarded = list(argv if argv is not None else sys.argv[1:])
-    results = {}
-    for name in ("trl", "aha"):
-        done = subprocess.run(
-            [sys.executable, "-m", "rl.benchmarks.vs_trl", *forwarded, "--only", name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    results: dict[str, dict[str, list]] = {"trl": {}, "aha": {}}
+    for _ in range(args.rounds):
+        for name in ("trl", "aha"):  # alternated, so a drift in machine speed hits both
+            done = subprocess.run(
+                [sys.executable, "-m", "rl.benchmarks.vs_trl", *forwarded, "--only", name],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
+            for key, values in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                results[name].setdefault(key, []).extend(values)
     print(
         f"model {args.model}: {args.prompts} prompts x {args.group} completions, "
-        f"<= {args.max_tokens} tokens, {args.steps} timed steps after 1 warm-up, CPU fp32"
+        f"<= {args.max_tokens} tokens, {args.steps} timed steps after 1 warm-up "
+        f"x {args.rounds} round(s), CPU fp32"
     )
     print(f"{'':<6} {'median step s':>14} {'tokens/s':>10} {'median CPU s':>13}  steps (s)")
     for name in ("trl", "aha"):
