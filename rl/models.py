@@ -215,8 +215,8 @@ def load_policy(folder: Path, dtype: str, lora=None, gradient_checkpointing: boo
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     if model.config._attn_implementation == "sdpa":
-        register_grouped_sdpa()
-        model.set_attn_implementation(GROUPED_SDPA)
+        register_cpu_sdpa()
+        model.set_attn_implementation(CPU_SDPA)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -242,24 +242,24 @@ def load_policy(folder: Path, dtype: str, lora=None, gradient_checkpointing: boo
 # CPU torch's kernels take both exactly: this name runs them there (a decode step of
 # SmolLM2-135M, 3 key/value heads for 9 query heads, about 7% faster) and is transformers' own
 # sdpa attention everywhere else.
-GROUPED_SDPA = "sdpa_grouped_on_cpu"
+CPU_SDPA = "sdpa_grouped_on_cpu"
 
 
-def grouped_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+def cpu_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """query [B, H, q, D], key/value [B, H_kv, k, D], mask [B, 1, q, k] -> [B, q, H, D], None"""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    groups = getattr(module, "num_key_value_groups", 1)
-    plain = (
+    transformers_own = (
         query.device.type != "cpu"
-        or attention_mask is None
-        or groups == 1
+        or attention_mask is None  # transformers passes grouped heads itself then
+        or getattr(module, "num_key_value_groups", 1) == 1
         or kwargs.get("position_bias") is not None
         or kwargs.get("cache") is not None
         or kwargs.get("output_attentions", False)
+        or kwargs.get("dropout", 0.0) > 0
     )
-    if plain:
+    if transformers_own:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask.ndim == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
@@ -268,7 +268,6 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
         key,
         value,
         attn_mask=attention_mask,
-        dropout_p=kwargs.get("dropout", 0.0),
         scale=kwargs.get("scaling"),
         is_causal=False,  # with a mask transformers never sets it: the mask is causal
         enable_gqa=True,
@@ -276,9 +275,9 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     return output.transpose(1, 2).contiguous(), None
 
 
-def register_grouped_sdpa() -> None:
+def register_cpu_sdpa() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    AttentionInterface.register(CPU_SDPA, cpu_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_SDPA, sdpa_mask)

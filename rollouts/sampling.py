@@ -57,18 +57,27 @@ def sample_next(
     return tokens, logps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def draw(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row from the categorical ``probs`` by inverting its CDF: one uniform number
-    per row from the global generator. ``torch.multinomial`` (what ``generate`` uses) draws an
-    exponential number per vocabulary entry, 11 ms a step for 8 rows of a 49k vocabulary on a
-    CPU, more than the rest of sampling together; this takes about 2 ms.
+def draw(probs: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """One token per row from the categorical ``probs`` by inverting its CDF with one uniform
+    number per row from the global generator: first among blocks of ``block`` tokens (their sums
+    in float64), then within the chosen block. ``torch.multinomial`` (what ``generate`` uses)
+    draws one exponential number per vocabulary entry: 11 ms a step for 8 rows of a 49k
+    vocabulary on the 2-core CPU, where this takes 0.5 ms.
 
     probs [B, V] (rows sum to 1, up to rounding) -> tokens [B]
     """
-    cdf = probs.double().cumsum(dim=-1)  # [B, V]; float64, so a rare token keeps its share
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-    # u rounding up to the total would land on the last entry, maybe one of probability 0
+    rows, vocab = probs.shape
+    blocks = torch.nn.functional.pad(probs, (0, -vocab % block)).view(rows, -1, block)
+    block_sums = blocks.sum(dim=-1, dtype=torch.float64)  # [B, nb]
+    block_cdf = block_sums.cumsum(dim=-1)
+    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * block_cdf[:, -1:]
+    chosen = torch.searchsorted(block_cdf, u, right=True).clamp(max=block_cdf.shape[1] - 1)
+    before = block_cdf.gather(1, chosen) - block_sums.gather(1, chosen)  # [B, 1]
+    within = blocks[torch.arange(rows, device=probs.device), chosen.squeeze(1)]  # [B, block]
+    cdf = before + within.double().cumsum(dim=-1)
+    offset = torch.searchsorted(cdf, u, right=True).clamp(max=block - 1)
+    tokens = (chosen * block + offset).squeeze(1).clamp(max=vocab - 1)
+    # rounding can put u past a block's last positive entry, onto one of probability 0
     unlikely = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) == 0
     if bool(unlikely.any()):
         tokens[unlikely] = torch.multinomial(probs[unlikely], num_samples=1).squeeze(-1)

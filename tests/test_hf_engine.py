@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from rl.batch import collate, completion_logps
-from rl.models import GROUPED_SDPA, load_policy, load_tokenizer, resolve_model
+from rl.models import CPU_SDPA, load_policy, load_tokenizer, resolve_model
 from rollouts import packed_linear
 from rollouts.base import SamplingSettings
 from rollouts.hf_engine import TransformersEngine
@@ -58,10 +58,11 @@ def test_filter_matches_transformers_warpers(temperature, top_k, top_p):
     torch.testing.assert_close(got[kept], expected[kept])
 
 
-def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+@pytest.mark.parametrize("block", [2, 3, 256])  # blocks that split, pad and hold the vocabulary
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token(block):
     torch.manual_seed(0)
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
-    draws = torch.stack([draw(probs) for _ in range(20_000)])  # [N, 2]
+    draws = torch.stack([draw(probs, block) for _ in range(20_000)])  # [N, 2]
     counts = torch.stack([torch.bincount(draws[:, row], minlength=5) for row in range(2)])
     assert counts[0, 1] == counts[0, 4] == 0 and counts[1, 4] == 20_000
     frequencies = counts[0].double() / 20_000
@@ -199,7 +200,7 @@ def test_frozen_weights_are_packed_once_and_repacked_when_changed():
 def test_grouped_head_attention_matches_sdpa_with_padding_and_gradients():
     folder = resolve_model("tiny-random")
     model = load_policy(folder, "float32").double()
-    assert model.config._attn_implementation == GROUPED_SDPA
+    assert model.config._attn_implementation == CPU_SDPA
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     input_ids = torch.randint(0, model.config.vocab_size, (3, 10))
     attention_mask = torch.ones_like(input_ids)
@@ -238,3 +239,29 @@ def test_the_cache_room_gives_the_concatenated_keys_and_overflows_into_concatena
         expected_values = torch.cat([prompt_values, *[n[1] for n in new[: step + 1]]], dim=-2)
         assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
         assert cache.get_seq_length() == 6 + step
+
+
+def test_one_query_attention_of_a_decode_step_matches_sdpa():
+    from transformers import DynamicCache
+
+    folder = resolve_model("tiny-random")
+    model = load_policy(folder, "float32").double().eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    step = torch.randint(0, model.config.vocab_size, (3, 1))
+
+    def decode_logits():
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
+            return model(
+                input_ids=step,
+                attention_mask=torch.cat([attention_mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                position_ids=attention_mask.sum(dim=1, keepdim=True),
+                past_key_values=cache,
+            ).logits
+
+    ours = decode_logits()
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(ours, decode_logits(), rtol=0, atol=1e-12)
