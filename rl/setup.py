@@ -12,6 +12,7 @@ from rl.config import Config, ConfigError
 from rl.data import load_prompts, required_columns
 from rl.distributed import Distributed, broadcast_parameters
 from rl.models import load_policy, load_tokenizer, resolve_model
+from rl.perf import keep_freed_memory
 from rl.scoring import WeightedReward
 from rl.sharded import prepare
 from rl.trainer import Trainer, seed_everything
@@ -145,6 +146,8 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
     lora = config.model.lora
     model = load_trained_policy(config, model_folder, checkpoint)
     device = dist.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # rl/perf.py: large tensors are not paged in again every step
     model.to(device)
     broadcast_parameters(dist, model)  # e.g. LoRA's random init: rank 0's everywhere
 
