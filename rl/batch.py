@@ -250,10 +250,11 @@ def _token_logps(
 
 
 def _entropy(logits: torch.Tensor, log_norm: torch.Tensor, probs: torch.Tensor | None = None):
-    """H = log Z - sum_v p_v * logit_v, the sum as a batched dot product (no [.., V] product)."""
+    """H = log Z - sum_v p_v * logit_v. (Not as a batched dot product: MKL's float32 one is off
+    by 1e-3 over a 49k vocabulary, the plain sum by 2e-5.)"""
     if probs is None:
         probs = torch.exp(logits - log_norm.unsqueeze(-1))
-    return log_norm - (probs.unsqueeze(-2) @ logits.unsqueeze(-1)).flatten(-3)
+    return log_norm - (probs * logits).sum(dim=-1)
 
 
 class TokenLogProbs(torch.autograd.Function):

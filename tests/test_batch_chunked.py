@@ -117,3 +117,9 @@ def test_token_log_probs_and_entropy_against_log_softmax_with_gradients():
     torch.testing.assert_close(logps, log_softmax.gather(-1, targets[..., None]).squeeze(-1))
     torch.testing.assert_close(entropy, -(log_softmax.exp() * log_softmax).sum(dim=-1))
     assert not entropy.requires_grad  # logged, never trained on
+    # in float32 over a real vocabulary, close to the float64 value
+    wide = torch.randn(64, 49_152) * 4
+    reference = torch.log_softmax(wide.double(), dim=-1)
+    _, wide_entropy = TokenLogProbs.apply(wide.requires_grad_(), torch.zeros(64, dtype=torch.long))
+    expected = -(reference.exp() * reference).sum(dim=-1).float()
+    torch.testing.assert_close(wide_entropy, expected, rtol=0, atol=1e-4)
