@@ -16,6 +16,9 @@ rows, 64 tokens, 2026-12-01), is mostly what ``generate`` cannot change from out
   ``torch.multinomial`` draws one exponential per vocabulary entry (~11 ms a step);
 - on CPUs, MKL's packed weights for the decode steps' matrix products (rollouts/packed_linear.py,
   ~30% off the products, ~25% of the step).
+
+Models loaded by ``rl.models.load_policy`` also pass grouped key/value heads to torch's attention
+kernel on CPUs instead of copying them (``rl.models.cpu_sdpa_attention``).
 """
 
 from __future__ import annotations
@@ -102,12 +105,8 @@ class TransformersEngine:
 
         transformers' decode loop without its per-step machinery (logits processors, stopping
         criteria, a [B, V] score kept per step): prefill, then one forward of the new tokens per
-        step until every row has ended. Position ids count each row's real tokens, as
-        ``generate`` numbers left-padded prompts. The cache has room for the whole completion
-        (``reserve_room``). On CPUs the decode steps' matrix products use
-        MKL's packed weights (rollouts/packed_linear.py), and tokens are drawn by inverting the
-        CDF (rollouts/sampling.py), the two largest costs of a CPU decode step besides the
-        model's own.
+        step until every row has ended (what it does differently: the module docstring).
+        Position ids count each row's real tokens, as ``generate`` numbers left-padded prompts.
 
         input_ids, attention_mask [B, P] (left-padded)
         """

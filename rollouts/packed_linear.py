@@ -46,9 +46,8 @@ class PackedLinears:
         try:
             for module in model.modules():
                 if type(module) is torch.nn.Linear and _packable(module.weight):
-                    module.forward = self._forward(
-                        module, rows
-                    )  # instance attribute: this module only
+                    # an instance attribute: this module only, removed on the way out
+                    module.forward = self._forward(module, rows)
                     patched.append(module)
             yield
         finally:
