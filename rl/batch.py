@@ -185,6 +185,20 @@ def _shared_prompts(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tenso
     return first_rows, inverse
 
 
+def forward_tokens(model, batch: TokenBatch, share_prompts: bool = False) -> int:
+    """The real (not padding) tokens ``completion_logps`` runs through the model for ``batch``:
+    every completion token, and each prompt's tokens once per row, or once per group when the
+    prompts are shared. What the model FLOPs of MFU count (6 x parameters per trained token)."""
+    width = batch.prompt_width
+    prompt_lengths = batch.attention_mask[:, :width].sum(dim=1)  # [B]
+    completion_tokens = int(batch.attention_mask[:, width:].sum())
+    shared = _shared_prompts(model, batch) if share_prompts else None
+    if shared is not None:
+        first_rows, _ = shared
+        prompt_lengths = prompt_lengths[first_rows]  # [U]
+    return completion_tokens + int(prompt_lengths.sum())
+
+
 def _shared_prompt_forward(
     model,
     batch: TokenBatch,

@@ -41,10 +41,11 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def model_flops_utilisation(model, tokens_per_second: float) -> float | None:
-    """6 x trainable-or-not parameters x trained tokens per second / peak (Kaplan et al. 2020's
-    6N per token for forward and backward). ``tokens_per_second`` is per device and counts the
-    completion tokens over the whole step, generation included, so this is the training share of
-    the step's work: a lower bound on what the GPU does. None off GPUs."""
+    """6 x parameters x trained tokens per second / peak (Kaplan et al. 2020's 6N per token for
+    forward and backward; attention's own FLOPs are left out, as usual). ``tokens_per_second`` is
+    per device and counts what the update's forwards and backwards ran (``update_tokens``: every
+    completion token and each shared prompt once) over the update phase's time, so generation
+    and the old/reference log-probs are not in it. None off GPUs."""
     device = next(model.parameters()).device
     peak = peak_flops(device)
     if peak is None:
@@ -52,6 +53,38 @@ def model_flops_utilisation(model, tokens_per_second: float) -> float | None:
     # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return 6 * parameters * tokens_per_second / peak
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a step's peak-memory count (accelerators; a CPU process keeps one lifetime peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def step_perf(metrics: dict[str, float], model, world_size: int) -> dict[str, float]:
+    """The step's ``perf/*`` metrics, per device, from its ``tokens``, ``update_tokens`` and
+    timings: ``perf/throughput`` (completion tokens per second over the whole step),
+    ``perf/update_throughput`` (tokens the update ran per second of ``timing_s/update``),
+    ``perf/mfu`` (GPUs in the peak table), and the peak memory: ``perf/peak_memory_gib``, what
+    torch allocated on the accelerator during the step, or on CPUs ``perf/peak_rss_gib``, the
+    process's resident-set peak so far (everything in it: the rollout engine too)."""
+    out = {"perf/throughput": metrics["tokens"] / metrics["timing_s/step"] / world_size}
+    update_s = metrics.get("timing_s/update", 0.0)
+    if update_s > 0 and "update_tokens" in metrics:
+        update_throughput = metrics["update_tokens"] / update_s / world_size
+        out["perf/update_throughput"] = update_throughput
+        mfu = model_flops_utilisation(model, update_throughput)
+        if mfu is not None:
+            out["perf/mfu"] = mfu
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    elif sys.platform.startswith("linux"):
+        import resource
+
+        # ru_maxrss is in KiB on Linux
+        out["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -75,7 +75,7 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     from rl.checkpoint import latest_checkpoint, load_trainer_state
     from rl.data import batches
     from rl.distributed import barrier, check_world, describe, shard
-    from rl.perf import model_flops_utilisation
+    from rl.perf import reset_peak_memory, step_perf
     from rl.sharded import load_optimizer_state
     from rl.trainer import sync_engine, train_step
 
@@ -130,18 +130,16 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     )
     bar = _progress(config.train.steps, trainer.step, progress and main)
     extra = {"eval_before": eval_before}
+    device = next(trainer.model.parameters()).device
     while trainer.step < config.train.steps:
         clock = time.perf_counter()
+        reset_peak_memory(device)
         # every rank draws the same global batch and keeps its share of whole groups
         metrics = train_step(
             trainer, shard(next(stream), dist), more_prompts=lambda: shard(next(stream), dist)
         )
         metrics["timing_s/step"] = time.perf_counter() - clock
-        # per device, as the field reports it; "tokens" is the whole step's
-        metrics["perf/throughput"] = metrics["tokens"] / metrics["timing_s/step"] / dist.world_size
-        mfu = model_flops_utilisation(trainer.model, metrics["perf/throughput"])
-        if mfu is not None:
-            metrics["perf/mfu"] = mfu
+        metrics.update(step_perf(metrics, trainer.model, dist.world_size))
         if main:
             _log_step(trainer, metrics, run_dir, tracker)
         last = trainer.step == config.train.steps

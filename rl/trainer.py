@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rl import algorithms
-from rl.batch import TokenBatch, collate, completion_logps, logps_in_chunks
+from rl.batch import TokenBatch, collate, completion_logps, forward_tokens, logps_in_chunks
 from rl.config import Config
 from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics, sum_gradients
 from rl.scoring import WeightedReward, score
@@ -236,11 +236,12 @@ def policy_update(
         timings["timing_s/ref"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    metrics = Metrics()
+    metrics, trained_tokens = Metrics(), 0
     for _ in range(algorithm.epochs):
         order = torch.arange(len(batch)) if on_policy else torch.randperm(len(batch))
         for start in range(0, len(batch), mini_size):
-            optimizer_step(trainer, batch.select(order[start : start + mini_size]), metrics)
+            mini = batch.select(order[start : start + mini_size])
+            trained_tokens += optimizer_step(trainer, mini, metrics)
     trainer.scheduler.step()
     timings["timing_s/update"] = time.perf_counter() - clock
     # Every rank's share of a global sum adds up; grad_norm is the same on all ranks.
@@ -249,8 +250,12 @@ def policy_update(
     return {
         **reduce_metrics(
             trainer.dist,
-            {**result, "tokens": float(batch.completion_mask.sum())},
-            summed=[*summed, "tokens"],
+            {
+                **result,
+                "tokens": float(batch.completion_mask.sum()),
+                "update_tokens": float(trained_tokens),
+            },
+            summed=[*summed, "tokens", "update_tokens"],
         ),
         "learning_rate": trainer.scheduler.get_last_lr()[0],
         "optimizer_steps": float(algorithm.epochs * math.ceil(len(batch) / mini_size)),
@@ -274,9 +279,9 @@ def autocast(trainer: Trainer):
     return contextlib.nullcontext()
 
 
-def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> None:
+def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int:
     """One optimizer step on a mini-batch, in micro-batches; the loss's pieces are the
-    registered functions the config names."""
+    registered functions the config names. Returns the tokens its forwards ran (for MFU)."""
     config, model = trainer.config, trainer.model
     algorithm = config.algorithm
     correction = algorithms.SAMPLER_CORRECTIONS.get(algorithm.sampler_correction)
@@ -290,7 +295,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
     model.train()
     if not dist.deepspeed:  # DeepSpeed zeroes its gradients after each step
         trainer.optimizer.zero_grad(set_to_none=True)
-    step_loss = 0.0
+    step_loss, trained_tokens = 0.0, 0
     order = micro_batch_order(batch, config.train.share_prompts)
     micro_size = config.train.micro_batch_size
     for start in range(0, len(batch), micro_size):
@@ -346,6 +351,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
         else:
             loss.backward()
         step_loss += float(loss.detach())
+        trained_tokens += forward_tokens(model, micro, config.train.share_prompts)
         metrics.add("entropy", float(algorithms.masked_mean(entropy, mask)), weight)
         for name, value in {**stats, **sampler_stats}.items():
             metrics.add(name, float(value), weight)
@@ -361,6 +367,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> Non
         trainer.optimizer.step()
     metrics.add("loss", step_loss, 1.0)
     metrics.add("grad_norm", float(grad_norm), 1.0)
+    return trained_tokens
 
 
 def micro_batch_order(batch: TokenBatch, keep_groups: bool) -> list[int]:

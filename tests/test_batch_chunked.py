@@ -4,7 +4,7 @@ equal the plain path: values, entropy and gradients, with padding, with LoRA."""
 import pytest
 import torch
 
-from rl.batch import collate, completion_logps, logps_in_chunks
+from rl.batch import collate, completion_logps, forward_tokens, logps_in_chunks
 from rl.config import LoraConfig
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rollouts.record import Prompt, Rollout
@@ -33,6 +33,18 @@ def batch():
 def grouped_batch():
     pad = load_tokenizer(resolve_model("tiny-random")).pad_token_id
     return collate(rollouts([(3, 9), (6, 2), (4, 5)], group_size=3), pad)
+
+
+def test_forward_tokens_count_each_shared_prompt_once(grouped_batch):
+    # prompts of 3, 6 and 4 tokens, 3 completions each: 9+8+7, 2+1+1 and 5+4+3 tokens
+    completions, prompts_per_row, prompts_once = 24 + 4 + 12, 3 * (3 + 6 + 4), 3 + 6 + 4
+    model = torch.nn.Linear(1, 1)
+    assert forward_tokens(model, grouped_batch) == completions + prompts_per_row
+    assert forward_tokens(model, grouped_batch, share_prompts=True) == completions + prompts_once
+    model.gradient_checkpointing = True  # no shared cache under checkpointing: every row's prompt
+    assert forward_tokens(model, grouped_batch, share_prompts=True) == completions + prompts_per_row
+    # a micro-batch trimmed to its own widths: rows 0 and 1 share the 3-token prompt
+    assert forward_tokens(torch.nn.Linear(1, 1), grouped_batch.select([0, 1]), True) == 9 + 8 + 3
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.perf import model_flops_utilisation, peak_flops
+from rl.perf import model_flops_utilisation, peak_flops, step_perf
 
 
 def test_mfu_is_none_on_a_cpu_and_six_n_per_token_on_a_known_gpu(monkeypatch):
@@ -19,6 +19,32 @@ def test_mfu_is_none_on_a_cpu_and_six_n_per_token_on_a_known_gpu(monkeypatch):
     weight = SimpleNamespace(numel=lambda: 110, device=torch.device("cuda"))
     on_gpu = SimpleNamespace(parameters=lambda: iter([weight]))
     assert model_flops_utilisation(on_gpu, 1000.0) == pytest.approx(6 * 110 * 1000.0 / 989e12)
+
+
+STEP = {"tokens": 600.0, "update_tokens": 800.0, "timing_s/step": 3.0, "timing_s/update": 2.0}
+
+
+def test_step_perf_on_a_gpu_uses_the_update_phase_and_reports_allocated_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    weight = SimpleNamespace(numel=lambda: 110, device=torch.device("cuda"))
+    on_gpu = SimpleNamespace(parameters=lambda: iter([weight]))
+    perf = step_perf(STEP, on_gpu, world_size=2)
+    assert perf["perf/throughput"] == 600 / 3 / 2  # completion tokens over the whole step
+    assert perf["perf/update_throughput"] == 800 / 2 / 2  # what the update ran, over its time
+    assert perf["perf/mfu"] == pytest.approx(6 * 110 * 200 / 989e12)
+    assert perf["perf/peak_memory_gib"] == 3.0 and "perf/peak_rss_gib" not in perf
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB")
+def test_step_perf_on_a_cpu_has_no_mfu_and_the_process_peak():
+    perf = step_perf(STEP, torch.nn.Linear(10, 10), world_size=1)
+    assert perf["perf/update_throughput"] == 400 and "perf/mfu" not in perf
+    assert 0.01 < perf["perf/peak_rss_gib"] < 64 and "perf/peak_memory_gib" not in perf
+    # a step without an update phase (all groups dropped) reports throughput alone
+    assert "perf/update_throughput" not in step_perf(
+        {**STEP, "timing_s/update": 0.0}, torch.nn.Linear(1, 1), 1
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -41,12 +41,14 @@ def test_two_steps_change_the_parameters_and_write_the_run_folder(tiny_overrides
                 "timing_s/step",
                 "timing_s/gen",
                 "perf/throughput",
+                "perf/update_throughput",
                 "sampling/logp_gap",
                 "grad_norm",
             )
         )
         assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
         assert m["sampling/logp_gap"] < 1e-3  # engine and trainer agree on the sampled tokens
+        assert m["update_tokens"] > m["tokens"] > 0  # the update runs the prompts too
     samples = read_jsonl(run_dir / "samples.jsonl")
     assert samples and {"prompt", "completion", "rewards", "advantage", "step"} <= set(samples[0])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
