@@ -1,5 +1,6 @@
 """Throughput helpers: MFU's arithmetic and the CPU allocator setting."""
 
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,49 @@ def test_keep_freed_memory_applies_on_linux_unless_switched_off(switch, applied)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [applied]
+
+
+def test_run_figures_takes_medians_after_the_warm_up_step_and_peaks_over_all(tmp_path, capsys):
+    from rl.benchmarks import run_figures
+
+    lines = [
+        {"step": 0, "eval/pass@1": 0.2},  # an evaluation line: no loss, not a step
+        {
+            "step": 1,
+            "loss": 0.1,
+            "timing_s/step": 9.0,
+            "perf/mfu": 0.01,
+            "perf/peak_memory_gib": 7.0,
+        },
+        {
+            "step": 2,
+            "loss": 0.1,
+            "timing_s/step": 2.0,
+            "perf/mfu": 0.30,
+            "perf/peak_memory_gib": 5.0,
+        },
+        {
+            "step": 3,
+            "loss": 0.1,
+            "timing_s/step": 4.0,
+            "perf/mfu": 0.20,
+            "perf/peak_memory_gib": 5.5,
+        },
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run_figures.main([str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {
+        "steps": 2.0,
+        "timing_s/step": 3.0,
+        "perf/mfu": 0.25,
+        "perf/peak_memory_gib": 7.0,
+    }
+    assert run_figures.main([str(tmp_path)]) == 0
+    assert "perf/mfu                 0.2500" in capsys.readouterr().out
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[1]) + "\n{oops\n")
+    assert run_figures.main([str(tmp_path)]) == 2
+    assert "metrics.jsonl, line 2: not JSON" in capsys.readouterr().err
+    assert run_figures.main([str(tmp_path / "nowhere")]) == 2
+    assert "no such file" in capsys.readouterr().err
