@@ -255,6 +255,19 @@ class VLLMEngine:
             "generation_config": "vllm",  # the folder's generation_config.json changes nothing
             "enable_prefix_caching": True,  # the G completions of a prompt share its prefill
         }
+        ranks = _trainer_world_size()
+        if ranks > 1:
+            # One engine per training process, each generating its own rank's prompts (as TRL's
+            # colocate mode): vLLM's torchrun launcher takes this process's RANK and LOCAL_RANK
+            # (its GPU) and joins the trainer's process group, where the in-process default puts
+            # every rank's engine on GPU 0. Each rank draws its own random stream.
+            rank = torch.distributed.get_rank()
+            os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault(
+                "LOCAL_RANK", str(torch.cuda.current_device() if _has_cuda() else 0)
+            )
+            arguments["distributed_executor_backend"] = "external_launcher"
+            arguments["seed"] = s.seed + rank
         if _has_cuda():
             arguments["gpu_memory_utilization"] = s.gpu_memory_utilization
             arguments["enforce_eager"] = s.enforce_eager
@@ -355,12 +368,42 @@ class VLLMEngine:
         if llm is None:
             return
         self.llm = None
-        with contextlib.suppress(Exception):  # best effort: the objects are dropped either way
-            llm.llm_engine.engine_core.shutdown()
-        del llm
         import gc
 
-        gc.collect()
+        with _default_process_group_kept(), contextlib.suppress(Exception):
+            # best effort: the objects are dropped either way
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+
+def _trainer_world_size() -> int:
+    """Processes in the trainer's process group (1 when there is none)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+@contextlib.contextmanager
+def _default_process_group_kept():
+    """vLLM's shutdown ends with ``torch.distributed.destroy_process_group()``, which in a
+    multi-process run destroys the trainer's own group before its last barrier. Its own groups
+    (created with ``new_group``) are still destroyed."""
+    distributed = torch.distributed
+    if _trainer_world_size() == 1:
+        yield
+        return
+    destroy = distributed.destroy_process_group
+
+    def destroy_all_but_the_default(group=None):
+        if group is not None and group is not distributed.group.WORLD:
+            destroy(group)
+
+    distributed.destroy_process_group = destroy_all_but_the_default
+    try:
+        yield
+    finally:
+        distributed.destroy_process_group = destroy
 
 
 def _sampled_logps(logprobs, ids: list[int]) -> list[float] | None:

@@ -412,3 +412,40 @@ def test_optimizer_state_loads_across_formats():
         for p, q in zip(old_params, new_params, strict=True):
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(optimizer.state[p][key], fresh_optimizer.state[q][key])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path):
+    """The README's multi-GPU command with vLLM: one engine per rank, started through vLLM's
+    torchrun launcher inside the trainer's process group; every rank's engine takes the synced
+    weights, and vLLM's shutdown leaves the trainer's group for its last barrier."""
+    pytest.importorskip("vllm")
+    run_dir = tmp_path / "run"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env |= {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "rl.cli",
+        "train",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "rollout.engine=vllm",
+        f"run_dir={run_dir}",
+        "--no-progress",
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert output.count("Using external launcher for distributed inference") == 2
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    # step 2 samples from the weights step 1 pushed: the mean over both ranks' engines
+    assert steps[1]["sampling/logp_gap"] < 1e-4
+    assert (run_dir / "summary.json").is_file()  # written after the last barrier
