@@ -416,21 +416,26 @@ def test_optimizer_state_loads_across_formats():
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path, sharding):
     """The README's multi-GPU command with vLLM: one engine per rank, started through vLLM's
     torchrun launcher inside the trainer's process group; every rank's engine takes the synced
-    weights, and vLLM's shutdown leaves the trainer's group for its last barrier."""
+    weights (under FSDP2 gathered whole first), and vLLM's shutdown leaves the trainer's group
+    for its last barrier."""
     pytest.importorskip("vllm")
     run_dir = tmp_path / "run"
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env |= {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if sharding == "ddp":
+        launch = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", "2"]
+        launch += ["--master_port", str(free_port())]
+    else:
+        launch = [os.path.join(bin_dir, "accelerate"), "launch", "--config_file"]
+        launch += [str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2"]
+        launch += ["--main_process_port", str(free_port())]
     command = [
-        torchrun,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *launch,
         "-m",
         "rl.cli",
         "train",
@@ -442,6 +447,7 @@ def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
+    assert {"ddp": "data parallel", "fsdp2": "FSDP2"}[sharding] in done.stdout
     assert output.count("Using external launcher for distributed inference") == 2
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "loss" in m]
