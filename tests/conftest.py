@@ -26,3 +26,18 @@ def tiny_overrides(tmp_path):
 
 def aha_command() -> list[str]:
     return [sys.executable, "-m", "rl.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder():
+    """The tiny random model's folder (built on first use, no download)."""
+    from rl.models import resolve_model
+
+    return resolve_model("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_folder):
+    from rl.models import load_tokenizer
+
+    return load_tokenizer(tiny_folder)

@@ -63,19 +63,20 @@ def test_shared_prompt_forward_equals_the_plain_one_with_gradients(
     check_against_plain(grouped_batch.select([7, 0, 1, 4]), lora, chunk_tokens, share_prompts=True)
 
 
-def check_against_plain(batch, lora, chunk_tokens, share_prompts):
+def check_against_plain(batch, lora, chunk_tokens, share_prompts, device="cpu"):
     model = load_policy(resolve_model("tiny-random"), "float32", LoraConfig(enabled=lora, r=4))
+    model.to(device)
     if lora:  # peft starts B at 0: move it, so the adapters take part in the forward
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
-    mask = batch.completion_mask
+    mask, advantages = batch.completion_mask.to(device), batch.advantages.to(device)
 
     def run(tokens, share=False):
         model.zero_grad(set_to_none=True)
         logps, entropy = completion_logps(model, batch, 0.7, True, tokens, share)
-        (logps * mask * batch.advantages[:, None]).sum().backward()
+        (logps * mask * advantages[:, None]).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return logps.detach() * mask, entropy * mask, grads
 

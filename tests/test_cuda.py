@@ -13,15 +13,16 @@ import pytest
 import torch
 from conftest import FIXTURES, ROOT
 from safetensors.torch import load_file
+from test_batch_chunked import check_against_plain, rollouts
+from test_hf_engine import assert_sampler_logps_are_the_trainers, make_prompts
 
-from rl.batch import collate, completion_logps
+from rl.batch import collate
 from rl.checkpoint import latest_checkpoint
 from rl.config import load_config
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.run import train
 from rollouts.base import SamplingSettings
 from rollouts.hf_engine import TransformersEngine
-from rollouts.record import Prompt, Rollout
 
 DEVICE = torch.device(os.environ.get("AHA_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(
@@ -35,37 +36,19 @@ def tiny():
     return load_policy(folder, "float32").to(DEVICE).eval(), load_tokenizer(folder)
 
 
-def prompts(tokenizer) -> list[Prompt]:
-    out = []
-    for index, question in enumerate(["Ana has 3 apples and gets 4 more.", "What is 12 + 7?"]):
-        messages = [{"role": "user", "content": question}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        out.append(Prompt(index=index, messages=messages, ids=list(ids), row={}))
-    return out
-
-
 def test_the_engine_samples_with_the_trainers_log_probs(tiny):
     model, tokenizer = tiny
     torch.manual_seed(0)
     rollouts = TransformersEngine(model, tokenizer).generate(
-        prompts(tokenizer), 4, SamplingSettings(temperature=0.7, max_tokens=24)
+        make_prompts(tokenizer), 4, SamplingSettings(temperature=0.7, max_tokens=24)
     )
     assert len({tuple(r.completion_ids) for r in rollouts}) > 1  # it samples
-    for rollout in rollouts:
-        rollout.advantage = 0.0
-    batch = collate(rollouts, tokenizer.pad_token_id)
-    with torch.no_grad():
-        trainer_logps, _ = completion_logps(model, batch, temperature=0.7)
-    mask = batch.completion_mask.bool()
-    torch.testing.assert_close(
-        batch.sampler_logps[mask], trainer_logps.cpu()[mask], atol=1e-4, rtol=0
-    )
+    assert_sampler_logps_are_the_trainers(model, tokenizer, rollouts, 0.7, atol=1e-4)
 
 
 def test_greedy_decoding_equals_generate(tiny):
     model, tokenizer = tiny
-    prompt = prompts(tokenizer)[1]
+    prompt = make_prompts(tokenizer)[1]
     settings = SamplingSettings(temperature=0.0, max_tokens=16)
     ours = TransformersEngine(model, tokenizer).generate([prompt], 1, settings)[0]
     with torch.no_grad():
@@ -79,34 +62,14 @@ def test_greedy_decoding_equals_generate(tiny):
     assert ours.completion_ids == theirs.tolist()[: len(ours.completion_ids)]
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("chunk_tokens, share_prompts", [(0, True), (4, False), (4, True)])
 def test_chunked_and_shared_prompt_log_probs_equal_the_plain_ones(
-    tiny, chunk_tokens, share_prompts
+    lora, chunk_tokens, share_prompts
 ):
-    model, tokenizer = tiny
-    torch.manual_seed(1)
-    rows = []
-    for index, (p, c) in enumerate([(3, 9), (6, 2), (4, 5)]):
-        prompt = Prompt(index, "q", torch.randint(5, 200, (p,)).tolist(), {})
-        for j in range(3):  # a group of 3, of lengths c, c-1, ...
-            ids = torch.randint(5, 200, (max(c - j, 1),)).tolist()
-            rows.append(Rollout(prompt, ids, "", None, "stop", 0, advantage=float(index + j)))
-    batch = collate(rows, tokenizer.pad_token_id)
-    mask = batch.completion_mask.to(DEVICE)
-
-    def run(chunk, share):
-        model.zero_grad()
-        logps, entropy = completion_logps(model, batch, 0.8, True, chunk, share)
-        (logps * mask * batch.advantages.to(DEVICE)[:, None]).sum().backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        return logps * mask, entropy * mask, grads
-
-    plain, plain_entropy, plain_grads = run(0, False)
-    logps, entropy, grads = run(chunk_tokens, share_prompts)
-    torch.testing.assert_close(logps, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(entropy, plain_entropy, atol=1e-4, rtol=1e-4)
-    for got, expected in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    pad = load_tokenizer(resolve_model("tiny-random")).pad_token_id
+    batch = collate(rollouts([(3, 9), (6, 2), (4, 5)], group_size=3), pad)
+    check_against_plain(batch, lora, chunk_tokens, share_prompts, DEVICE)
 
 
 def test_tiny_training_under_bf16_autocast_logs_mfu_and_peak_memory(tmp_path):

@@ -116,14 +116,20 @@ def test_sampled_log_probs_equal_the_trainers(tiny):
     rollouts = TransformersEngine(model, tokenizer).generate(
         prompts, 4, SamplingSettings(temperature=0.7, max_tokens=16)
     )
+    assert_sampler_logps_are_the_trainers(model, tokenizer, rollouts, 0.7, atol=1e-5)
+    assert len({tuple(r.completion_ids) for r in rollouts}) > 1  # it samples
+
+
+def assert_sampler_logps_are_the_trainers(model, tokenizer, rollouts, temperature, atol):
     for rollout in rollouts:
         rollout.advantage = 0.0
     batch = collate(rollouts, tokenizer.pad_token_id)
     with torch.no_grad():
-        trainer_logps, _ = completion_logps(model, batch, temperature=0.7)
+        trainer_logps, _ = completion_logps(model, batch, temperature=temperature)
     mask = batch.completion_mask.bool()
-    torch.testing.assert_close(batch.sampler_logps[mask], trainer_logps[mask], atol=1e-5, rtol=0)
-    assert len({tuple(r.completion_ids) for r in rollouts}) > 1  # it samples
+    torch.testing.assert_close(
+        batch.sampler_logps[mask], trainer_logps.cpu()[mask], atol=atol, rtol=0
+    )
 
 
 def test_a_stop_string_ends_the_completion(tiny):

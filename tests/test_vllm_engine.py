@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rl.batch import collate, completion_logps
-from rl.models import load_policy, load_tokenizer, resolve_model
+from rl.models import load_policy
 from rollouts.base import SamplingSettings
 from rollouts.record import Prompt, Rollout
 
@@ -26,30 +26,20 @@ LOGP_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def folder():
-    return resolve_model("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(folder):
-    return load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def engine(folder, tokenizer):
+def engine(tiny_folder, tiny_tokenizer):
     from rollouts.vllm_engine import VLLMEngine, VLLMSettings
 
-    engine = VLLMEngine(folder, tokenizer, VLLMSettings(kv_cache_gb=1, max_model_len=512))
+    engine = VLLMEngine(tiny_folder, tiny_tokenizer, VLLMSettings(kv_cache_gb=1, max_model_len=512))
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
-def prompts(tokenizer) -> list[Prompt]:
+def prompts(tiny_tokenizer) -> list[Prompt]:
     questions = ["Ana has 3 apples and gets 4 more.", "What is 7 + 5?", "the answer is"]
     out = []
     for index, question in enumerate(questions):
-        ids = tokenizer.apply_chat_template(
+        ids = tiny_tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
         )
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
@@ -83,7 +73,7 @@ def max_gap(a: list[list[float]], b: list[list[float]]) -> float:
     )
 
 
-def test_generate_returns_grouped_well_formed_records(engine, prompts, tokenizer):
+def test_generate_returns_grouped_well_formed_records(engine, prompts, tiny_tokenizer):
     rollouts = engine.generate(prompts, 4, SamplingSettings(temperature=1.0, max_tokens=24))
     assert len(rollouts) == 12
     assert [r.group for r in rollouts] == [0] * 4 + [1] * 4 + [2] * 4
@@ -92,15 +82,15 @@ def test_generate_returns_grouped_well_formed_records(engine, prompts, tokenizer
         assert 1 <= len(ids) <= 24
         assert len(rollout.sampler_logps) == len(ids)
         assert all(x <= 0 and math.isfinite(x) for x in rollout.sampler_logps)
-        assert rollout.completion == tokenizer.decode(ids, skip_special_tokens=True)
+        assert rollout.completion == tiny_tokenizer.decode(ids, skip_special_tokens=True)
         assert rollout.policy_version == engine.policy_version
         if rollout.finish_reason == "stop":  # stopped on EOS: the EOS token is kept, as in HF
-            assert ids[-1] == tokenizer.eos_token_id
+            assert ids[-1] == tiny_tokenizer.eos_token_id
         else:
-            assert len(ids) == 24 and tokenizer.eos_token_id not in ids
+            assert len(ids) == 24 and tiny_tokenizer.eos_token_id not in ids
 
 
-def test_stop_strings_end_the_completion(engine, prompts, tokenizer):
+def test_stop_strings_end_the_completion(engine, prompts, tiny_tokenizer):
     free = engine.generate(prompts[:1], 1, SamplingSettings(temperature=0.0, max_tokens=24))[0]
     text = free.completion
     assert len(text) > 4, "the tiny model must produce some text for this test"
@@ -113,12 +103,12 @@ def test_stop_strings_end_the_completion(engine, prompts, tokenizer):
     assert cut.completion_ids == free.completion_ids[: len(cut.completion_ids)]
 
 
-def test_greedy_matches_the_transformers_engine(engine, prompts, folder, tokenizer):
+def test_greedy_matches_the_transformers_engine(engine, prompts, tiny_folder, tiny_tokenizer):
     from rollouts.hf_engine import TransformersEngine
 
     greedy = SamplingSettings(temperature=0.0, max_tokens=16)
     ours = engine.generate(prompts, 1, greedy)
-    theirs = TransformersEngine(load_policy(folder, "float32"), tokenizer).generate(
+    theirs = TransformersEngine(load_policy(tiny_folder, "float32"), tiny_tokenizer).generate(
         prompts, 1, greedy
     )
     for a, b in zip(ours, theirs, strict=True):
@@ -132,16 +122,16 @@ def test_greedy_matches_the_transformers_engine(engine, prompts, folder, tokeniz
 
 @pytest.mark.parametrize("temperature, top_k", [(0.7, 0), (1.3, 0), (1.0, 20)])
 def test_sampler_logps_are_the_processed_distribution(
-    engine, prompts, folder, tokenizer, temperature, top_k
+    engine, prompts, tiny_folder, tiny_tokenizer, temperature, top_k
 ):
     """With temperature and no truncation the sampler's log-probs equal the trainer's at that
     temperature; with top-k they are renormalised over the k kept tokens, so never lower."""
-    model = load_policy(folder, "float32").eval()
+    model = load_policy(tiny_folder, "float32").eval()
     engine.update_weights(model.named_parameters(), version=engine.policy_version)
     sampling = SamplingSettings(temperature=temperature, top_k=top_k, max_tokens=16)
     rollouts = engine.generate(prompts, 2, sampling)
     ours = [r.sampler_logps for r in rollouts]
-    theirs = trainer_logps(model, rollouts, tokenizer.pad_token_id, temperature)
+    theirs = trainer_logps(model, rollouts, tiny_tokenizer.pad_token_id, temperature)
     if top_k == 0:
         assert max_gap(ours, theirs) < LOGP_TOLERANCE
     else:
@@ -152,12 +142,12 @@ def test_sampler_logps_are_the_processed_distribution(
         )
 
 
-def test_weight_sync_makes_vllm_match_the_trainer(engine, prompts, folder, tokenizer):
+def test_weight_sync_makes_vllm_match_the_trainer(engine, prompts, tiny_folder, tiny_tokenizer):
     """The proof: after update_weights vLLM scores a fixed sequence as the trainer does, and
     before it does not."""
     fixed = engine.generate(prompts, 1, SamplingSettings(temperature=1.0, max_tokens=16))
-    model = perturbed(load_policy(folder, "float32").eval())
-    theirs = trainer_logps(model, fixed, tokenizer.pad_token_id, 1.0)
+    model = perturbed(load_policy(tiny_folder, "float32").eval())
+    theirs = trainer_logps(model, fixed, tiny_tokenizer.pad_token_id, 1.0)
 
     before = [engine.sequence_logps(r.prompt.ids, r.completion_ids) for r in fixed]
     engine.update_weights(model.named_parameters(), version=7)
@@ -168,18 +158,18 @@ def test_weight_sync_makes_vllm_match_the_trainer(engine, prompts, folder, token
     assert engine.generate(prompts[:1], 1, SamplingSettings(max_tokens=2))[0].policy_version == 7
 
 
-def test_weight_sync_merges_lora(engine, prompts, folder, tokenizer):
+def test_weight_sync_merges_lora(engine, prompts, tiny_folder, tiny_tokenizer):
     from rl.config import LoraConfig
 
     lora = LoraConfig(enabled=True, r=4, alpha=8)
-    model = load_policy(folder, "float32", lora).eval()
+    model = load_policy(tiny_folder, "float32", lora).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # peft starts B at zero (a no-op adapter); give it something to merge
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     fixed = engine.generate(prompts, 1, SamplingSettings(temperature=1.0, max_tokens=16))
-    theirs = trainer_logps(model, fixed, tokenizer.pad_token_id, 1.0)
+    theirs = trainer_logps(model, fixed, tiny_tokenizer.pad_token_id, 1.0)
 
     engine.settings = dataclasses.replace(engine.settings, lora_scaling=lora.alpha / lora.r)
     engine.update_weights(model.named_parameters(), version=8)

