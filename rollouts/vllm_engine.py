@@ -255,19 +255,18 @@ class VLLMEngine:
             "generation_config": "vllm",  # the folder's generation_config.json changes nothing
             "enable_prefix_caching": True,  # the G completions of a prompt share its prefill
         }
-        ranks = _trainer_world_size()
-        if ranks > 1:
+        if _trainer_world_size() > 1:
             # One engine per training process, each generating its own rank's prompts (as TRL's
             # colocate mode): vLLM's torchrun launcher takes this process's RANK and LOCAL_RANK
             # (its GPU) and joins the trainer's process group, where the in-process default puts
-            # every rank's engine on GPU 0. Each rank draws its own random stream.
-            rank = torch.distributed.get_rank()
-            os.environ.setdefault("RANK", str(rank))
+            # every rank's engine on GPU 0. Ranks sample differently without a seed of their own:
+            # vLLM samples from the global RNG, which the trainer seeds per rank and
+            # _ProcessStateGuard restores after vLLM's start-up.
+            os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
             os.environ.setdefault(
                 "LOCAL_RANK", str(torch.cuda.current_device() if _has_cuda() else 0)
             )
             arguments["distributed_executor_backend"] = "external_launcher"
-            arguments["seed"] = s.seed + rank
         if _has_cuda():
             arguments["gpu_memory_utilization"] = s.gpu_memory_utilization
             arguments["enforce_eager"] = s.enforce_eager
@@ -370,9 +369,10 @@ class VLLMEngine:
         self.llm = None
         import gc
 
-        with _default_process_group_kept(), contextlib.suppress(Exception):
-            # best effort: the objects are dropped either way
-            llm.llm_engine.engine_core.shutdown()
+        # vLLM's finalizers may shut down again when the objects are collected: kept for both
+        with _default_process_group_kept():
+            with contextlib.suppress(Exception):  # best effort: the objects are dropped either way
+                llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
 
