@@ -1,14 +1,14 @@
-"""The README's config reference is generated from rl/config.py and must match it."""
+"""docs/configuration.md's config reference is generated from rl/config.py and must match it."""
 
 import dataclasses
 
 from rl import config as config_module
 from rl.config_reference import (
     END,
-    README,
+    REFERENCE_PAGE,
     START,
     field_comments,
-    readme_with_reference,
+    page_with_reference,
     render,
     rows,
 )
@@ -16,16 +16,16 @@ from rl.config_reference import (
 REGENERATE = ".venv/bin/python -m rl.config_reference --write"
 
 
-def test_readme_config_reference_is_up_to_date():
-    readme = README.read_text()
-    assert readme_with_reference(readme) == readme, (
-        f"README.md's config reference is out of date with rl/config.py; regenerate it with: {REGENERATE}"
+def test_config_reference_is_up_to_date():
+    page = REFERENCE_PAGE.read_text()
+    assert page_with_reference(page) == page, (
+        f"docs/configuration.md is out of date with rl/config.py; regenerate it with: {REGENERATE}"
     )
 
 
 def test_every_field_of_every_section_is_listed():
     table = rows(
-        config_module.Config, "", field_comments(README.parent.joinpath("rl/config.py").read_text())
+        config_module.Config, "", field_comments(REFERENCE_PAGE.parents[1].joinpath("rl/config.py").read_text())
     )
     listed = {(section, key) for section, key, *_ in table}
     assert ("tracking", "backends") in listed and ("algorithm", "reward_error_policy") in listed
@@ -57,5 +57,5 @@ class A:
 def test_render_escapes_pipes_and_the_markers_wrap_it():
     text = render()
     assert '| `dtype` | `"float32" \\| "bfloat16" \\| "float16"` | `"float32"` |' in text
-    readme = README.read_text()
-    assert readme.index(START) < readme.index("#### `tracking`") < readme.index(END)
+    page = REFERENCE_PAGE.read_text()
+    assert page.index(START) < page.index("#### `tracking`") < page.index(END)
