@@ -25,7 +25,9 @@ def test_config_reference_is_up_to_date():
 
 def test_every_field_of_every_section_is_listed():
     table = rows(
-        config_module.Config, "", field_comments(REFERENCE_PAGE.parents[1].joinpath("rl/config.py").read_text())
+        config_module.Config,
+        "",
+        field_comments(REFERENCE_PAGE.parents[1].joinpath("rl/config.py").read_text()),
     )
     listed = {(section, key) for section, key, *_ in table}
     assert ("tracking", "backends") in listed and ("algorithm", "reward_error_policy") in listed
