@@ -6,14 +6,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import sys
 
 import torch
 
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor datasheets, without sparsity).
-# MFU is reported against the bf16 peak, as is usual, whatever the training dtype.
+# MFU is reported against the bf16 peak, as is usual, whatever the training dtype. A key matches
+# whole words of torch's device name ("NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB"), the longest
+# key first, so a variant never takes its family's figure.
 PEAK_BF16_FLOPS = {
-    "H200": 989e12,
+    "H200": 989e12,  # SXM
+    "H200 NVL": 835e12,  # PCIe card, lower clocks and power
+    "GH200": 989e12,  # the Grace Hopper superchip's GPU is an H100/H200-class SXM part
     "H100 SXM": 989e12,
     "H100 80GB HBM3": 989e12,  # how torch names the SXM part
     "H100 NVL": 835e12,
@@ -21,6 +26,7 @@ PEAK_BF16_FLOPS = {
     "H100": 756e12,  # an unknown H100 variant: the lowest
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "A10G": 70e12,
     "A10": 125e12,
@@ -32,17 +38,38 @@ def peak_flops(device: torch.device) -> float | None:
     """The device's bf16 peak, or None for CPUs and GPUs not in the table."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    # longest key first, so "H100 PCIe" wins over "H100" and "A10G" over "A10"
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_by_name(name: str) -> float | None:
+    """The table's figure for a device name: the longest key found as whole words in it ("H200
+    NVL" before "H200"; "L4" not inside "L40"; "H200" not inside "GH200"), else None."""
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return PEAK_BF16_FLOPS[key]
     return None
 
 
+def training_flops_per_token(model) -> float:
+    """Matmul FLOPs of one token's forward and backward: 2 per parameter forward, 2 per
+    parameter for the gradient with respect to the activations (every layer passes it down,
+    frozen or not), and 2 more per *trainable* parameter for its weight gradient. So 6N for full
+    fine-tuning (Kaplan et al. 2020), and 4N + 6 x the adapters' parameters for LoRA, whose
+    frozen base computes no weight gradients. Attention's own FLOPs are left out, as usual, and
+    so is recomputation under gradient checkpointing (MFU counts the model's work, not the
+    hardware's)."""
+    total = trainable = 0
+    for parameter in model.parameters():
+        # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()
+        total += count
+        if getattr(parameter, "requires_grad", True):
+            trainable += count
+    return 4 * total + 2 * trainable
+
+
 def model_flops_utilisation(model, tokens_per_second: float) -> float | None:
-    """6 x parameters x trained tokens per second / peak (Kaplan et al. 2020's 6N per token for
-    forward and backward; attention's own FLOPs are left out, as usual). ``tokens_per_second`` is
+    """``training_flops_per_token`` x trained tokens per second / peak. ``tokens_per_second`` is
     per device and counts what the update's forwards and backwards ran (``update_tokens``: every
     completion token and each shared prompt once) over the update phase's time, so generation
     and the old/reference log-probs are not in it. None off GPUs."""
@@ -50,9 +77,7 @@ def model_flops_utilisation(model, tokens_per_second: float) -> float | None:
     peak = peak_flops(device)
     if peak is None:
         return None
-    # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size
-    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    return 6 * parameters * tokens_per_second / peak
+    return training_flops_per_token(model) * tokens_per_second / peak
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -9,7 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.perf import model_flops_utilisation, peak_flops, step_perf
+from rl.perf import (
+    model_flops_utilisation,
+    peak_flops,
+    peak_flops_by_name,
+    step_perf,
+    training_flops_per_token,
+)
 
 
 def test_mfu_is_none_on_a_cpu_and_six_n_per_token_on_a_known_gpu(monkeypatch):
@@ -20,6 +26,50 @@ def test_mfu_is_none_on_a_cpu_and_six_n_per_token_on_a_known_gpu(monkeypatch):
     weight = SimpleNamespace(numel=lambda: 110, device=torch.device("cuda"))
     on_gpu = SimpleNamespace(parameters=lambda: iter([weight]))
     assert model_flops_utilisation(on_gpu, 1000.0) == pytest.approx(6 * 110 * 1000.0 / 989e12)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [  # torch.cuda.get_device_name's spelling of each part
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),  # not the SXM part's 989
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA A10G", 70e12),
+        ("NVIDIA A10", 125e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),  # not the L4's 121 (a substring match took it)
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("NVIDIA GeForce RTX 3090", None),  # not in the table: no MFU rather than a wrong one
+        ("NVIDIA B200", None),
+    ],
+)
+def test_peak_flops_takes_the_most_specific_whole_word_key(name, peak):
+    assert peak_flops_by_name(name) == peak
+
+
+def test_lora_counts_four_flops_per_frozen_parameter_and_six_per_adapter_parameter():
+    """Forward 2 per parameter, backward through the activations 2 per parameter, weight
+    gradients 2 per trainable parameter only: a frozen [64, 64] base with a rank-4 adapter
+    (A [4, 64], B [64, 4]) is 4 * (4096 + 512) + 2 * 512 FLOPs per token, not 6 * 4608."""
+    from peft import LoraConfig, get_peft_model
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64, bias=False)
+
+    full = Block()
+    assert training_flops_per_token(full) == 6 * 4096
+    lora = get_peft_model(Block(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert adapters == 4 * 64 + 64 * 4
+    assert training_flops_per_token(lora) == 4 * (4096 + 512) + 2 * 512
 
 
 STEP = {"tokens": 600.0, "update_tokens": 800.0, "timing_s/step": 3.0, "timing_s/update": 2.0}
