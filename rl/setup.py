@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rl.config import Config, ConfigError
+from rl.config import Config, ConfigError, resolve_device_defaults
 from rl.data import load_prompts, required_columns
 from rl.distributed import Distributed, broadcast_parameters
 from rl.models import load_policy, load_tokenizer, resolve_model
@@ -78,8 +78,9 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path):
                 raise ConfigError(f"rollout.server_url: {error}") from None
         from rollouts.vllm_engine import VLLMEngine, VLLMSettings, VLLMUnavailableError
 
+        resolve_device_defaults(config)  # loaded configs are resolved; one built in code may not be
         settings = VLLMSettings(
-            dtype=config.model.dtype,
+            dtype=r.dtype,  # independent of model.dtype: the weight sync casts
             seed=config.train.seed,
             max_model_len=r.max_model_len or config.data.max_prompt_tokens + r.max_tokens,
             gpu_memory_utilization=r.gpu_memory_utilization,

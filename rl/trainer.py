@@ -63,6 +63,7 @@ def train_step(
     )
 
     batch = collate(rollouts, trainer.tokenizer.pad_token_id, config.algorithm.mask_truncated)
+    trainer.engine.release_memory()  # vLLM's sleep mode; sync_engine below pushes every weight
     update_metrics = policy_update(trainer, batch, timings)
 
     clock = time.perf_counter()

@@ -21,12 +21,23 @@ class SamplingSettings:
 
 
 class RolloutEngine(Protocol):
-    """Samples completions and receives new weights after each optimizer step."""
+    """Samples completions and receives new weights after each optimizer step.
+
+    A training step calls ``generate`` (once, or more for dynamic sampling), then
+    ``release_memory``, runs the update, then ``update_weights`` with every tensor. Evaluation
+    calls ``generate`` alone, chunk after chunk."""
 
     policy_version: int
 
     def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSettings) -> list[Rollout]:
         """n completions per prompt, grouped: rollouts[i*n:(i+1)*n] belong to prompts[i]."""
+        ...
+
+    def release_memory(self) -> None:
+        """The update is next and a full ``update_weights`` follows it: free what the engine
+        holds on the accelerator until then (vLLM's sleep mode). A no-op where that means
+        nothing; an engine whose weights this discards must refuse to generate before the
+        next ``update_weights``."""
         ...
 
     def update_weights(

@@ -193,6 +193,9 @@ class TransformersEngine:
                     return i + 1, "stop"
         return len(ids), "length"
 
+    def release_memory(self) -> None:
+        pass  # it generates with the trainer's own model: nothing of its own to free
+
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:

@@ -145,6 +145,9 @@ class ServerEngine:
 
     # -------------------------------------------------------------- weights
 
+    def release_memory(self) -> None:
+        pass  # the server's memory is on its own machine or GPUs, not the trainer's
+
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:

