@@ -55,6 +55,12 @@ if [ ! -f "$STAMP" ]; then
     touch "$STAMP"
 fi
 
+if [ "$EXTRA" = gpu ]; then
+    # nvidia-smi lists a GPU; a torch built for a newer CUDA than the driver's would not see it,
+    # and aha would train on the CPU. Checked on every run: a driver can change under a venv.
+    scripts/check_cuda.sh "$VENV/bin/python" || exit 1
+fi
+
 case "${1:-}" in
     train)
         shift
