@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 TRAIN_HELP = """\
 Train a policy with a GRPO-family algorithm.
@@ -167,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     # eager mode, set_num_threads ignored) are about its own tuning, not the run. Set
     # VLLM_LOGGING_LEVEL=WARNING (or INFO) to see them.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    if not Path("/dev/nvidia0").exists():
+    from rl.gpus import gpu_device_files
+
+    if not gpu_device_files():
         # accelerate imports DeepSpeed where it is installed, and DeepSpeed's accelerator probe
         # warns on every machine without a GPU; naming the CPU accelerator skips the probe.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
