@@ -1,9 +1,12 @@
 """The GPU path, on a CUDA machine (skipped elsewhere; CI has no GPU): the transformers engine's
 decode loop and cache room, the chunked and shared-prompt log-probs with their gradients, and a
-tiny training run under bf16 autocast that logs MFU and peak memory.
+tiny training run under bf16 autocast that logs MFU and peak memory; and, marked vllm, the
+colocated vLLM with the GPU defaults (bfloat16, CUDA graphs) reloading weights under graphs
+and through sleep levels 1 and 2, and a training run with it.
 
-    .venv/bin/pytest tests/test_cuda.py                        # on a GPU machine
-    AHA_TEST_DEVICE=cpu .venv/bin/pytest tests/test_cuda.py    # the same checks on the CPU
+    .venv/bin/pytest -m "not vllm" tests/test_cuda.py          # on a GPU machine
+    .venv/bin/pytest -m vllm tests/test_cuda.py                # vLLM: a process of its own
+    AHA_TEST_DEVICE=cpu .venv/bin/pytest -m "not vllm" tests/test_cuda.py  # the same on the CPU
 """
 
 import json
@@ -93,3 +96,132 @@ def test_tiny_training_under_bf16_autocast_logs_mfu_and_peak_memory(tmp_path):
     before = load_file(resolve_model("tiny-random") / "model.safetensors")
     after = load_file(latest_checkpoint(run_dir) / "model.safetensors")
     assert all(not torch.equal(before[name], after[name]) for name in before)
+
+
+# ---------------------------------------------------------------- vLLM on the GPU
+# Marked vllm: run them in a pytest process of their own, `pytest -m vllm tests/test_cuda.py`
+# (vLLM changes the process that starts it). One engine serves the tests below, as the trainer
+# would start it on a GPU: bfloat16 (rollout.dtype's GPU default), CUDA graphs (enforce_eager's),
+# sleep mode enabled.
+
+needs_vllm_on_cuda = pytest.mark.skipif(
+    DEVICE.type != "cuda",  # on a CPU, enforce_eager=false compiles for minutes
+    reason="vLLM with CUDA graphs and sleep mode needs a CUDA GPU",
+)
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(tiny_folder, tiny_tokenizer):
+    pytest.importorskip("vllm")
+    from rollouts.vllm_engine import VLLMEngine, VLLMSettings
+
+    engine = VLLMEngine(
+        tiny_folder,
+        tiny_tokenizer,
+        VLLMSettings(
+            dtype="bfloat16",
+            enforce_eager=False,
+            sleep_level=1,  # enables sleep mode; the level-2 test switches the level
+            gpu_memory_utilization=0.2,
+            max_model_len=512,
+        ),
+    )
+    yield engine
+    engine.close()
+
+
+def _policies(tiny_folder):
+    """The checkpoint's weights and a perturbed copy (a stand-in for an optimizer step), on the
+    GPU in float32, as the trainer holds them."""
+    from test_vllm_engine import perturbed
+
+    original = load_policy(tiny_folder, "float32").to(DEVICE).eval()
+    moved = perturbed(load_policy(tiny_folder, "float32"), scale=0.1).to(DEVICE).eval()
+    return original, moved
+
+
+def _mean_gap(engine_rollouts, model, tokenizer) -> float:
+    """Mean |sampler log-prob - trainer log-prob| per completion token, at temperature 1."""
+    from test_vllm_engine import trainer_logps
+
+    theirs = trainer_logps(model, engine_rollouts, tokenizer.pad_token_id, 1.0)
+    gaps = [
+        abs(x - y)
+        for rollout, row in zip(engine_rollouts, theirs, strict=True)
+        for x, y in zip(rollout.sampler_logps, row, strict=True)
+    ]
+    return sum(gaps) / len(gaps)
+
+
+@needs_vllm_on_cuda
+@pytest.mark.vllm
+def test_vllm_samples_from_pushed_weights_under_cuda_graphs_and_sleep_mode(
+    cuda_engine, tiny_folder, tiny_tokenizer
+):
+    """Decode runs from captured CUDA graphs, which read the weights' storage: the in-place
+    reload must write into it. After a push, the sampler's log-probs are the pushed weights'
+    (within bf16 rounding), not the start weights'. The same holds after a level-1 sleep with
+    no push (weights offloaded and restored), and after a level-2 sleep and a push; a level-2
+    sleep without a push refuses to generate."""
+    import dataclasses
+
+    engine, tokenizer = cuda_engine, tiny_tokenizer
+    prompts = make_prompts(tokenizer)
+    sampling = SamplingSettings(temperature=1.0, max_tokens=24)
+    original, moved = _policies(tiny_folder)
+
+    engine.update_weights(moved.named_parameters(), version=1)
+    rollouts = engine.generate(prompts, 4, sampling)
+    to_moved, to_original = (_mean_gap(rollouts, m, tokenizer) for m in (moved, original))
+    # bf16 rounding is the same for both comparisons; the weights' difference is not
+    assert to_moved < to_original / 5, (to_moved, to_original)
+    assert to_moved < 0.05  # bf16 sampling's gap; see the engines docs on sampling/logp_gap
+
+    free_before, total = torch.cuda.mem_get_info()
+    engine.release_memory()  # level 1: weights to CPU RAM, KV cache freed
+    freed = torch.cuda.mem_get_info()[0] - free_before
+    # vLLM took 0.2 of the GPU; for a tiny model nearly all of it is KV cache (its weights are
+    # kilobytes, its activation peak and graphs well under a GiB), so at least half comes back
+    assert freed > 0.1 * total, (freed, total)
+    rollouts = engine.generate(prompts, 4, sampling)  # no push: the offloaded weights return
+    assert _mean_gap(rollouts, moved, tokenizer) < _mean_gap(rollouts, original, tokenizer) / 5
+
+    engine.settings = dataclasses.replace(engine.settings, sleep_level=2)
+    engine.release_memory()
+    with pytest.raises(RuntimeError, match="discarded the weights"):
+        engine.generate(prompts, 1, sampling)
+    engine.update_weights(original.named_parameters(), version=2)
+    rollouts = engine.generate(prompts, 4, sampling)
+    assert _mean_gap(rollouts, original, tokenizer) < _mean_gap(rollouts, moved, tokenizer) / 5
+    assert {r.policy_version for r in rollouts} == {2}
+
+
+@needs_vllm_on_cuda
+@pytest.mark.vllm
+def test_training_with_vllm_on_the_gpu_defaults_and_sleep_level_2(
+    cuda_engine, tmp_path, tiny_overrides
+):
+    """`aha train configs/tiny.yaml rollout.engine=vllm rollout.sleep_level=2` with the GPU
+    defaults (bf16 autocast, bfloat16 vLLM, CUDA graphs), evaluation before and after: every
+    generation samples from the trainer's weights, so the gap stays at bf16's level."""
+    cuda_engine.close()  # one engine per process at a time: the run starts its own
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            *tiny_overrides,
+            "rollout.engine=vllm",
+            "rollout.sleep_level=2",
+            "rollout.gpu_memory_utilization=0.2",
+            "algorithm.dynamic_sampling=true",  # refill rounds generate again before the sleep
+        ],
+    )
+    assert (config.rollout.dtype, config.rollout.enforce_eager) == ("bfloat16", False)
+    assert config.train.bf16_autocast is True
+    summary = train(config, progress=False)
+    lines = [
+        json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["sampling/logp_gap"] < 0.05 for m in steps)
+    assert summary.eval_before is not None and summary.eval_after is not None
