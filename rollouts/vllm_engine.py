@@ -182,8 +182,8 @@ def check_vllm_version(version: str, reload_parameters: Iterable[str] | None) ->
 
 def _reload_parameters() -> list[str] | None:
     """The parameters of vLLM's model-runner ``reload_weights`` (the CPU runner inherits it),
-    or None where this vLLM has no such method where 0.32 has it. vLLM's start-up imports the
-    module anyway, so reading it first costs nothing."""
+    or None when this vLLM keeps it elsewhere than 0.32 does (then only the version is
+    checked). vLLM's start-up imports the module anyway, so reading it first costs nothing."""
     try:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
