@@ -1,6 +1,7 @@
 """The GPU path, on a CUDA machine (skipped elsewhere; CI has no GPU): the transformers engine's
 decode loop and cache room, the chunked and shared-prompt log-probs with their gradients, and a
-tiny training run under bf16 autocast that logs MFU and peak memory; and, marked vllm, the
+tiny training run under bf16 autocast (with and without gradient checkpointing) that logs MFU
+and peak memory; and, marked vllm, the
 colocated vLLM with the GPU defaults (bfloat16, CUDA graphs) reloading weights under graphs
 and through sleep levels 1 and 2, and a training run with it.
 
@@ -75,12 +76,19 @@ def test_chunked_and_shared_prompt_log_probs_equal_the_plain_ones(
     check_against_plain(batch, lora, chunk_tokens, share_prompts, DEVICE)
 
 
-def test_tiny_training_under_bf16_autocast_logs_mfu_and_peak_memory(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient_checkpointing"])
+def test_tiny_training_under_bf16_autocast_logs_mfu_and_peak_memory(tmp_path, checkpointing):
     run_dir = tmp_path / "run"
     reward = f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count', weight: 1.0}}]"
     config = load_config(
         ROOT / "configs" / "tiny.yaml",
-        [f"run_dir={run_dir}", reward, "train.bf16_autocast=true", "train.steps=2"],
+        [
+            f"run_dir={run_dir}",
+            reward,
+            "train.bf16_autocast=true",
+            "train.steps=2",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+        ],
     )
     train(config, progress=False)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
