@@ -88,7 +88,8 @@ def evaluate(
             chunk = prompts[start : start + per_call]
             rollouts += engine.generate(chunk, n, sampling)
             bar.update(len(chunk))
-    reward_metrics, _ = score(rollouts, rewards, timeout_s=600)
+    # each reward carries algorithm.reward_timeout_s: the same limit as in training
+    reward_metrics, _ = score(rollouts, rewards)
     first = rewards[0].name
     correct = [(r.rewards[first] or 0.0) >= 1.0 for r in rollouts]
     metrics: dict[str, float] = {"accuracy": sum(correct) / max(len(correct), 1)}
