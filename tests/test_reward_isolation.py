@@ -332,3 +332,38 @@ def test_aha_train_ends_although_a_reward_never_returns(tmp_path, policy):
             "algorithm.reward_timeout_s=1 on a batch whose first row is {'prompt': "
         )
         assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_ends_a_run_whose_reward_hangs(tmp_path):
+    """Ctrl-C in the middle of a hung call ends the run with the usual line, and takes the
+    reward's worker with it."""
+    import signal
+
+    plugin = tmp_path / "hung_reward.py"
+    plugin.write_text(PLUGIN.read_text())
+    command = [
+        sys.executable,
+        "-m",
+        "rl.cli",
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={tmp_path / 'run'}",
+        f"rewards=[{{name: '{plugin}:sleeps_forever'}}]",
+        "algorithm.reward_timeout_s=3600",
+        "tracking.backends=[]",
+        "--no-progress",
+    ]
+    with subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        for line in process.stdout:  # the held-out evaluation is the first reward call
+            if line.startswith("Held-out evaluation before training"):
+                break
+        # Generation of 4 prompts and then the hung call: wait until the worker holds the
+        # batch (its process reads the request; no timing is asserted, only the outcome).
+        threading.Event().wait(5)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "aha: error: interrupted" in err
+    assert not _processes_mentioning(str(plugin))
