@@ -236,6 +236,8 @@ class _Worker:
             env=_worker_env(),
             start_new_session=True,  # killpg reaches what the reward started; no terminal ^C
         )
+        self._poll = select.poll()
+        self._poll.register(self.process.stdout.fileno(), select.POLLIN)  # type: ignore[union-attr]
         self._buffer = bytearray()
         self.ready = False
         self.busy = False
@@ -257,9 +259,9 @@ class _Worker:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise RewardTimeout
-            readable, _, _ = select.select([fd], [], [], remaining)  # Ctrl-C interrupts it
-            if readable:
-                chunk = os.read(fd, 1 << 20)
+            # poll, not select: a trainer may hold more than select's 1024 descriptors.
+            if self._poll.poll(None if remaining is None else max(1, int(remaining * 1000))):
+                chunk = os.read(fd, 1 << 20)  # Ctrl-C interrupts the poll above
                 if not chunk:
                     raise EOFError
                 self._buffer += chunk
@@ -290,6 +292,15 @@ class _Worker:
         self.kill()
 
 
+def _start(name: str) -> _Worker | None:
+    """A new worker, or None if none can be started now (no memory to fork): the next call
+    tries again and, failing, is that call's error."""
+    try:
+        return _Worker(name)
+    except OSError:
+        return None
+
+
 _LIVE: weakref.WeakSet[ProcessReward] = weakref.WeakSet()
 
 
@@ -315,7 +326,7 @@ class ProcessReward:
         self._lock = threading.Lock()
         self._closed = False
         # Started now: its imports overlap the trainer's model loading.
-        self._worker: _Worker | None = _Worker(name)
+        self._worker: _Worker | None = _start(name)
         _LIVE.add(self)
 
     @property
@@ -340,7 +351,9 @@ class ProcessReward:
         with self._lock:
             if self._closed:
                 raise RewardRaised("its worker process was closed")
-            worker = self._worker = self._worker or _Worker(self.name)
+            worker = self._worker = self._worker or _start(self.name)
+            if worker is None:
+                raise RewardRaised("its worker process could not be started")
             worker.busy = True
             try:
                 reply = self._exchange(worker, kwargs, _wait_s(timeout_s))
@@ -388,7 +401,7 @@ class ProcessReward:
         imports happen while the trainer does other work."""
         worker.kill()
         self.restarts += 1
-        self._worker = None if self._closed else _Worker(self.name)
+        self._worker = None if self._closed else _start(self.name)
 
     def close(self) -> None:
         """End the worker (a busy one is killed); calls after this fail."""
