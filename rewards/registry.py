@@ -7,25 +7,39 @@ Every reward has TRL's signature, so TRL / open-r1 rewards plug in here and ours
 ``completions`` are strings, or chat messages (``[{"role": "assistant", "content": ...}]``).
 ``columns`` are the dataset row's columns (one list per column, aligned with completions)
 plus ``completion_ids`` (token ids per completion, from the rollout record). ``None`` means
-"does not apply to this sample" and is left out of that reward's mean.
+"does not apply to this sample" and is left out of that reward's mean; NaN means the same (TRL
+turns ``None`` into NaN). ``inf``, ``-inf`` and anything that is not a number is an error of
+that call (rl/scoring.py). A correctness reward that extracts an answer reports it with
+``log_extra(ANSWER_COLUMN, answers)`` (one canonical string or None per completion), and the
+evaluation's majority vote counts those answers.
 
 Names resolve in this order: built-ins registered with :func:`register_reward`, rewards from
-installed packages' entry-point group ``aha.rewards``, and ``path/to/file.py:function``.
+installed packages' entry-point group ``aha.rewards``, and ``path/to/file.py:function``. The
+last two are user code and run in a worker process of their own (rewards/isolation.py); a
+function registered in this process can only run in it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 RewardFn = Callable[..., list[float | None]]
 
 ENTRY_POINT_GROUP = "aha.rewards"
+# The log_extra column where a correctness reward puts the answers it extracted, compared as
+# strings by the evaluation's majority vote (maj@k), so the vote and the grader agree.
+ANSWER_COLUMN = "extracted_answer"
 
 _BUILTINS: dict[str, RewardFn] = {}
+# Functions loaded from files, by (path, function, content): a config is checked and then built,
+# and the module should not run twice for it; an edited file is loaded afresh.
+_FROM_FILES: dict[tuple[str, str, str], RewardFn] = {}
 
 
 class UnknownRewardError(ValueError):
@@ -61,10 +75,21 @@ def _load_from_file(spec: str) -> RewardFn:
     path = Path(path_text)
     if not path.is_file():
         raise UnknownRewardError(f"reward {spec!r}: file {path} does not exist")
+    key = (str(path.resolve()), attr, hashlib.sha256(path.read_bytes()).hexdigest())
+    if key not in _FROM_FILES:
+        _FROM_FILES[key] = _import_from_file(spec, path, attr)
+    return _FROM_FILES[key]
+
+
+def _import_from_file(spec: str, path: Path, attr: str) -> RewardFn:
     module_spec = importlib.util.spec_from_file_location(f"aha_user_reward_{path.stem}", path)
     assert module_spec and module_spec.loader
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:  # the user's file: one line naming it, not a traceback
+        detail = " ".join("".join(traceback.format_exception_only(error)).split())
+        raise UnknownRewardError(f"reward {spec!r}: importing {path} raised {detail}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UnknownRewardError(f"reward {spec!r}: {path} has no function {attr!r}")
@@ -85,6 +110,20 @@ def get_reward(name: str) -> RewardFn:
     raise UnknownRewardError(
         f"unknown reward {name!r}; known rewards: {known} (or give path/to/file.py:function)"
     )
+
+
+def reward_origin(name: str) -> Literal["registered", "entry_point", "file"]:
+    """Where ``name`` comes from, as :func:`get_reward` resolves it: "registered" in this process
+    (aha's built-ins, or a function a notebook registered), an installed package's entry point,
+    or a file. The last two can be loaded again in another process; the first may not be."""
+    _load_builtins()
+    if name in _BUILTINS:
+        return "registered"
+    if name in _entry_points():
+        return "entry_point"
+    if ".py:" in name:
+        return "file"
+    raise UnknownRewardError(f"unknown reward {name!r}")
 
 
 def list_rewards() -> dict[str, str]:

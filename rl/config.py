@@ -153,9 +153,12 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_sampling_rounds: int = 3  # dynamic sampling: extra generation rounds at most per step
     mask_truncated: bool = False  # leave completions cut at max_tokens out of the loss
-    reward_timeout_s: float = 60.0  # a reward call that takes longer scores 0 for the batch
-    # A reward that raises, returns the wrong count or times out: "zero" scores it 0 for the batch
-    # and counts it in reward/<name>/errors; "stop" ends the run with one line naming reward and row.
+    # A reward call (one batch, in training or the held-out evaluation) that takes longer is a
+    # reward error; a user reward's worker process is then killed and started afresh.
+    reward_timeout_s: float = 60.0
+    # A reward call that raises, times out, or returns anything but one finite number (or None)
+    # per completion: "zero" scores it 0 for the batch and counts it in reward/<name>/errors;
+    # "stop" ends the run with one line naming reward and row.
     reward_error_policy: Literal["zero", "stop"] = "zero"
 
 

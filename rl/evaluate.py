@@ -23,18 +23,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def stated_answer(completion: str) -> str | None:
-    """The final answer a completion states, normalised for voting; None if it states none."""
-    from rewards.math.extract import extract_answer
-    from rewards.math.fastpath import normalize
-
-    answer = extract_answer(completion)
-    return normalize(answer) if answer else None
-
-
 def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     """Self-consistency (Wang et al. 2023): the most common stated answer decides; it is
-    correct if the completions that stated it were. No stated answer: wrong."""
+    correct if the completions that stated it were. No stated answer: wrong.
+
+    ``answers`` are the ones the correctness reward extracted (and graded as ``correct``), so
+    the vote and the grader read the same answer out of each completion."""
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return False
@@ -75,20 +69,25 @@ def evaluate(
     """n completions per prompt; the first reward is the correctness reward (correct = >= 1).
 
     Returns ``accuracy`` (mean correctness over all completions, i.e. pass@1), ``pass@k`` for
-    k = n (when n > 1), ``maj@n`` (majority vote), and each reward's mean.
+    k = n (when n > 1), ``maj@n`` (majority vote, when the correctness reward reports the answers
+    it extracted: ``log_extra(ANSWER_COLUMN, ...)``), and each reward's mean and errors.
     """
     from tqdm import tqdm
 
     rollouts: list[Rollout] = []
+    tally = _Tally()
     per_call = max(batch_size // n, 1)
     with tqdm(
         total=len(prompts), desc="eval", unit="prompt", disable=not progress, leave=False
     ) as bar:
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
-            rollouts += engine.generate(chunk, n, sampling)
+            generated = engine.generate(chunk, n, sampling)
+            # Scored per generated chunk: a reward call of about a training batch's size, under
+            # the same algorithm.reward_timeout_s (each reward carries it) as in training.
+            tally.add(generated, *score(generated, rewards), rewards[0].name)
+            rollouts += generated
             bar.update(len(chunk))
-    reward_metrics, _ = score(rollouts, rewards, timeout_s=600)
     first = rewards[0].name
     correct = [(r.rewards[first] or 0.0) >= 1.0 for r in rollouts]
     metrics: dict[str, float] = {"accuracy": sum(correct) / max(len(correct), 1)}
@@ -97,12 +96,50 @@ def evaluate(
         metrics[f"pass@{n}"] = sum(
             pass_at_k(n, sum(correct[j] for j in g), n) for g in groups
         ) / len(groups)
-        answers = [stated_answer(r.response) for r in rollouts]
-        metrics[f"maj@{n}"] = sum(
-            majority_correct([answers[j] for j in g], [correct[j] for j in g]) for g in groups
-        ) / len(groups)
-    metrics.update({k: v for k, v in reward_metrics.items() if not k.endswith("/errors")})
+        # Without the grader's own answers there is no vote that agrees with it (another
+        # extraction gave maj@4 = 0 beside pass@1 = 0.5): then maj@n is left out.
+        if tally.answered:
+            answers = tally.answers
+            metrics[f"maj@{n}"] = sum(
+                majority_correct([answers[j] for j in g], [correct[j] for j in g]) for g in groups
+            ) / len(groups)
+    metrics.update(tally.metrics(rollouts, rewards))
     return EvalResult(metrics, rollouts)
+
+
+class _Tally:
+    """Sums the per-chunk scoring results into the whole evaluation's."""
+
+    def __init__(self) -> None:
+        self.answers: list[str | None] = []
+        self.answered = False  # the correctness reward reported answers for some chunk
+        self.errors: Counter[str] = Counter()
+        self.logged: dict[str, list[tuple[float, int]]] = {}
+
+    def add(self, rollouts: list[Rollout], metrics: dict[str, float], log, first: str) -> None:
+        # A chunk the correctness reward failed on scored 0: its completions cast no vote.
+        chunk_answers = log.answers.get(first)
+        self.answered |= chunk_answers is not None
+        self.answers += chunk_answers or [None] * len(rollouts)
+        for key, value in metrics.items():
+            if key.endswith("/errors"):
+                self.errors[key] += value
+            elif not key.startswith("reward/"):  # a log_metric: its mean, weighted by chunk
+                self.logged.setdefault(key, []).append((value, len(rollouts)))
+
+    def metrics(self, rollouts: list[Rollout], rewards: list[WeightedReward]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for reward in rewards:
+            values = [r.rewards[reward.name] for r in rollouts]
+            applicable = [v for v in values if v is not None]
+            out[f"reward/{reward.name}/mean"] = (
+                sum(applicable) / len(applicable) if applicable else math.nan
+            )
+            # Say so when the grader failed: an accuracy of 0 then means nothing.
+            out[f"reward/{reward.name}/errors"] = self.errors[f"reward/{reward.name}/errors"]
+        for key, parts in self.logged.items():
+            out[key] = sum(v * size for v, size in parts) / sum(size for _, size in parts)
+        return out
 
 
 def write_eval(out_dir: Path, name: str, result: EvalResult, extra: dict[str, Any]) -> None:

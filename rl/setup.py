@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,18 +29,36 @@ class Parts:
 
 
 def build_rewards(config: Config) -> list[WeightedReward]:
+    """The configured rewards, each with the run's timeout and error policy. User code (a file's
+    function, an installed plugin) is called in a worker process of its own, so that a call that
+    hangs can be killed (rewards/isolation.py); functions registered in this process (aha's
+    built-ins, a notebook's) run here."""
     from rewards import get_reward
+    from rewards.isolation import ProcessReward
+    from rewards.registry import reward_origin
 
-    return [
-        WeightedReward(
-            spec.name,
-            get_reward(spec.name),
-            spec.weight,
-            dict(spec.options),
-            on_error=config.algorithm.reward_error_policy,
+    if not config.algorithm.reward_timeout_s > 0:
+        raise ConfigError(
+            f"algorithm.reward_timeout_s: must be > 0, got {config.algorithm.reward_timeout_s}"
         )
-        for spec in config.rewards
-    ]
+    rewards = []
+    for i, spec in enumerate(config.rewards):
+        if not math.isfinite(spec.weight):  # inf * 0 is NaN: a weight must be a number
+            raise ConfigError(f"rewards.{i}.weight: must be a finite number, got {spec.weight}")
+        fn = get_reward(spec.name)
+        if reward_origin(spec.name) != "registered":
+            fn = ProcessReward(spec.name, fn)
+        rewards.append(
+            WeightedReward(
+                spec.name,
+                fn,
+                spec.weight,
+                dict(spec.options),
+                on_error=config.algorithm.reward_error_policy,
+                timeout_s=config.algorithm.reward_timeout_s,
+            )
+        )
+    return rewards
 
 
 def build_prompts(

@@ -110,7 +110,7 @@ def generate_and_score(
     clock = time.perf_counter()
     rollouts = trainer.engine.generate(prompts, config.rollout.group_size, trainer.sampling)
     middle = time.perf_counter()
-    metrics, _ = score(rollouts, trainer.rewards, config.algorithm.reward_timeout_s)
+    metrics, _ = score(rollouts, trainer.rewards)  # each reward's own timeout
     for reward in trainer.rewards:  # the spread of each part, next to its mean
         values = [r.rewards[reward.name] for r in rollouts]
         values = [v for v in values if v is not None and not math.isnan(v)]

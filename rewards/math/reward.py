@@ -17,7 +17,7 @@ from typing import Any
 from rewards.math.extract import DEFAULT_ORDER, extract_answer, last_boxed, strip_math_delimiters
 from rewards.math.fastpath import choice_letter, normalize, numbers_equal, parse_plain_number
 from rewards.math.pool import Verdict, get_pool
-from rewards.registry import register_reward
+from rewards.registry import ANSWER_COLUMN, register_reward
 from rewards.text import completion_text
 
 _CACHE: OrderedDict[tuple, Verdict] = OrderedDict()
@@ -96,6 +96,18 @@ def check_many(
     return [v if v is not None else Verdict(False, "missing") for v in verdicts]
 
 
+def vote_key(stated: str) -> str:
+    """The answer graded, spelled so that equal plain numbers vote together (``8``, ``8.0``;
+    ``1/2``, ``0.5``, ``\\frac{1}{2}``), anything else in its normalized spelling: what the
+    evaluation's majority vote counts."""
+    answer = strip_math_delimiters(stated)
+    number = parse_plain_number(answer)
+    if number is not None:
+        value, _, percent = number
+        return f"{value}{'%' if percent else ''}"
+    return normalize(answer)[:200]
+
+
 def answers_equal(gold: Any, pred: str, **options: Any) -> bool:
     """One comparison of two answer strings (what ``aha eval`` and tests call)."""
     return check_many([(gold_answer(gold), strip_math_delimiters(pred))], **options)[0].equal
@@ -145,7 +157,7 @@ def math_reward(
         scores[i] = 1.0 if verdict.equal else 0.0
         why[i] = verdict.why
     if log_extra is not None:
-        log_extra("math/extracted", [s if s is None else s[:200] for s in stated])
+        log_extra(ANSWER_COLUMN, [s if s is None else vote_key(s) for s in stated])
         log_extra("math/verdict", why)
     if log_metric is not None and completions:
         n = len(completions)
