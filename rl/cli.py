@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 TRAIN_HELP = """\
 Train a policy with a GRPO-family algorithm.

@@ -18,6 +18,7 @@ from rl.config import (
     _merge,
     _read_config_file,
     _set_dotted,
+    resolve_device_defaults,
     resolve_engine,
     validate,
 )
@@ -59,7 +60,9 @@ def load_resumed_config(run_dir: str | Path, pairs: list[tuple[str, Any]] = ()) 
             continue
         _set_dotted(data, key, value)
     saved = _build(Config, saved_data)
+    # what the machine decides (null in the file: written before it was resolved) is no change
     saved.rollout.engine = resolve_engine(saved.rollout.engine)
+    resolve_device_defaults(saved)
     config = _build(Config, data)
     validate(config)
     resume_changes(saved, config)  # refuses a change the run cannot take
