@@ -17,7 +17,7 @@ from conftest import FIXTURES, ROOT
 
 import rl.trainer
 from rl.checkpoint import RunFolderError, checkpoint_dirs, checkpoint_problem, latest_checkpoint
-from rl.config import ConfigError, load_config
+from rl.config import ConfigError, config_to_yaml, load_config
 from rl.jsonl import read_jsonl
 from rl.run import train
 from rl.runfolder import open_run_folder
@@ -422,3 +422,15 @@ def test_a_second_auto_named_run_in_the_same_second_gets_its_own_folder(tmp_path
     first.lock.release()
     second.lock.release()
     assert [first.path.name, second.path.name] == ["tiny-20261201-120000", "tiny-20261201-120000-2"]
+
+
+def test_a_config_yaml_from_before_the_machine_decided_fields_resumes(tmp_path):
+    """Older config.yaml files say null where the machine now decides (rollout.dtype...): the
+    value the machine picks on resume is no change the user asked for."""
+    import yaml
+
+    data = yaml.safe_load(config_to_yaml(load_config(TINY)))
+    data["train"]["bf16_autocast"] = data["rollout"]["dtype"] = None
+    data["rollout"]["enforce_eager"] = None
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_config(None, [f"resume={tmp_path}", "train.steps=4"]).train.steps == 4
