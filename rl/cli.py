@@ -6,21 +6,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 TRAIN_HELP = """\
 Train a policy with a GRPO-family algorithm.
 
-CONFIG is a YAML file of overrides of the defaults (see configs/); each KEY=VALUE after it
+CONFIG is a YAML file of overrides of the defaults (see configs/); each KEY=VALUE
 overrides one dotted key, the value read as YAML, e.g.:
 
   aha train configs/default.yaml train.steps=5 rollout.group_size=4 model.lora.enabled=true
   aha train configs/tiny.yaml run_dir=runs/smoke
-  aha train configs/tiny.yaml resume=runs/smoke train.steps=4
+  aha train resume=runs/smoke train.steps=4
 
-run_dir=PATH sets the run folder (default runs/<config>-<time>); resume=RUN_DIR continues a
-run from its last complete checkpoint. The run folder gets config.yaml (resolved),
-metrics.jsonl, samples.jsonl, summary.json and checkpoints/step-N/.
+run_dir=PATH sets the run folder (default runs/<config>-<time>); one run at a time holds it
+(RUN_DIR/run.lock). resume=RUN_DIR continues a run from its newest intact checkpoint with the
+run's own config.yaml (a CONFIG given with it is not read); on resume, KEY=VALUE may change only
+how long the run goes on and what it writes (train.steps, train.save_every, data.eval_every,
+tracking.*, ...), recorded in config.yaml; any other key is refused. The run folder gets
+config.yaml (resolved), metrics.jsonl, samples.jsonl, summary.json and checkpoints/step-N/.
 """
+OVERRIDE_COMMANDS = ("train", "eval", "config")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
-        "config", metavar="CONFIG", help="YAML config file (overrides of the defaults)"
+        "config",
+        metavar="CONFIG",
+        nargs="?",
+        help="YAML config file (overrides of the defaults); not needed with resume=RUN_DIR",
     )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -143,14 +151,50 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(error: OSError) -> str:
+    """Our own messages as they are; the system's as "PATH: cause"."""
+    if error.filename is None or not error.strerror:
+        return str(error)
+    return f"{error.filename}: {error.strerror}"
+
+
 def _fail(message: str) -> int:
     print(f"aha: error: {message}", file=sys.stderr)
     return 2
 
 
+def _is_override(token: str) -> bool:
+    key, sep, _ = token.partition("=")
+    return bool(sep and key) and not token.startswith("-")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """KEY=VALUE overrides wherever they stand, before or after options (argparse alone takes
+    them only in one run of positionals); a CONFIG position holding KEY=VALUE is an override
+    too (`aha config train.steps=3`: the defaults, with one key changed)."""
+    args, extra = parser.parse_known_args(argv)
+    if args.command not in OVERRIDE_COMMANDS:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    unknown = [token for token in extra if not _is_override(token)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    config = getattr(args, "config", None)
+    if config is not None and _is_override(config) and not Path(config).exists():
+        args.config, args.overrides = None, [config, *args.overrides]
+    return args
+
+
 def _train(args: argparse.Namespace) -> int:
     from rl.config import load_config
 
+    if args.config is None and not any(o.startswith("resume=") for o in args.overrides):
+        return _fail(
+            "train: a CONFIG file comes first (aha train CONFIG [KEY=VALUE ...]); "
+            "only resume=RUN_DIR needs none"
+        )
     config = load_config(args.config, args.overrides)
     from rl.run import train
 
@@ -160,7 +204,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # aha prints its own progress; vLLM's start-up warnings on a CPU (no tcmalloc, no triton,
     # eager mode, set_num_threads ignored) are about its own tuning, not the run. Set
@@ -209,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 written = plot_runs(args.run_dirs, args.out)
-            except FileNotFoundError as error:  # not a run folder: one line, no traceback
-                return _fail(str(error))
+            except OSError as error:  # not a run folder, an unwritable --out: one line
+                return _fail(_os_error(error))
             print("\n".join(str(path) for path in written) or "no metrics to plot")
             return 0
         if args.command == "view":
@@ -218,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 print(write_view(args.run_dir, args.out))
-            except FileNotFoundError as error:
-                return _fail(str(error))
+            except OSError as error:
+                return _fail(_os_error(error))
             return 0
         if args.command == "tasks":
             from rl.tasks import list_tasks

@@ -372,17 +372,29 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """Defaults, then the YAML file, then the dotted overrides; validated."""
-    data = _defaults_as_data()
-    if path is not None:
-        data = _merge(data, _read_config_file(Path(path)))
-    for text in overrides:
-        key, value = parse_override(text)
+    """Defaults, then the YAML file, then the dotted overrides; validated.
+
+    With ``resume=RUN_DIR`` the config is the run's own (RUN_DIR/config.yaml): the file at
+    ``path`` is not read, and the overrides may change only what rl/resume.py allows."""
+    pairs = [parse_override(text) for text in overrides]
+    for key, _ in pairs:
         _check_known({}, Config, "", dotted_key=key)
+    from_file = _read_config_file(Path(path)) if path is not None and not _resumes(pairs) else {}
+    resume = next((v for k, v in reversed(pairs) if k == "resume"), from_file.get("resume"))
+    if resume not in (None, ""):
+        from rl.resume import load_resumed_config
+
+        return load_resumed_config(str(resume), [(k, v) for k, v in pairs if k != "resume"])
+    data = _merge(_defaults_as_data(), from_file)
+    for key, value in pairs:
         _set_dotted(data, key, value)
     config = _build(Config, data)
     validate(config)
     return config
+
+
+def _resumes(pairs: list[tuple[str, Any]]) -> bool:
+    return any(k == "resume" and v not in (None, "") for k, v in pairs)
 
 
 def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -395,9 +407,7 @@ def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any
     try:
         from_file = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(
-            f"{path}: not valid YAML ({error.__class__.__name__}: {str(error).splitlines()[0]})"
-        ) from None
+        raise ConfigError(_yaml_error(path, error)) from None
     if not isinstance(from_file, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     base = from_file.pop("base", None)
@@ -408,6 +418,16 @@ def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any
         raise ConfigError(f"{path}: base: expected a path to another config file, got {base!r}")
     inherited = _read_config_file(path.parent / base, (*chain, path.resolve()))
     return _merge(inherited, from_file)
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    """ "FILE, line N: not valid YAML (what is wrong)"; the line is where the parser stopped."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or [""])[0]
+    context = getattr(error, "context", None)
+    what = f"{problem} {context}" if context else problem
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    return f"{path}{where}: not valid YAML ({what})"
 
 
 def _check_known(

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rl.jsonl import first_bad_line
 from rl.tasks import get_task, list_tasks
 from rollouts.record import Prompt
 
@@ -40,14 +41,19 @@ def load_rows(
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise DataError(f"data.dataset: file {path} does not exist")
+        if path.stat().st_size < 4096 and not path.read_bytes().strip():
+            raise DataError(f"data.dataset: {path} is empty (no rows)")
+        verbosity = datasets.logging.get_verbosity()
+        # the loader logs a bad file at ERROR level before raising; our one line says it better
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         try:
             loaded = datasets.load_dataset(
                 FILE_FORMATS[path.suffix], data_files=str(path), split="train"
             )
         except Exception as error:
-            raise DataError(
-                f"data.dataset: cannot read {path}: {str(error).splitlines()[0]}"
-            ) from None
+            raise DataError(f"data.dataset: cannot read {_read_failure(path, error)}") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
         return list(loaded)
     if path.exists() or dataset.count("/") != 1:
         known = ", ".join(list_tasks())
@@ -60,6 +66,25 @@ def load_rows(
         raise DataError(
             f"data.dataset: cannot load hub dataset {dataset!r} split {split!r}: {str(error).splitlines()[0]}"
         ) from None
+
+
+def _read_failure(path: Path, error: Exception) -> str:
+    """Where a data file is bad, by line number: the loader's own messages give a byte offset,
+    a row of one parsing block, or only "An error occurred while generating the dataset"."""
+    if path.suffix in (".jsonl", ".json"):
+        import json
+
+        text = path.read_text(errors="replace")
+        if path.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as bad:
+                return f"{path}, line {bad.lineno}: not JSON ({bad.msg})"
+        elif where := first_bad_line(path):
+            return where
+    causes = [error, error.__cause__, error.__context__]
+    messages = [str(e).splitlines()[0] for e in causes if e is not None and str(e).strip()]
+    return f"{path}: {messages[-1] if messages else type(error).__name__}"
 
 
 def check_columns(

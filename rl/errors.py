@@ -1,9 +1,20 @@
-"""The errors that mean "the user's input is wrong": the CLI prints them as one line."""
+"""The errors that mean "the user's input is wrong" or "the run folder cannot be used" (in use,
+unwritable, a full disk, a damaged log or checkpoint): the CLI prints them as one line."""
 
 from rewards.registry import UnknownRewardError
+from rl.checkpoint import RunFolderError
 from rl.config import ConfigError
 from rl.data import DataError
+from rl.jsonl import JsonlError
 from rl.models import ModelNotFoundError
 from rl.scoring import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, UnknownRewardError, RewardError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelNotFoundError,
+    UnknownRewardError,
+    RewardError,
+    RunFolderError,
+    JsonlError,
+)

@@ -178,31 +178,44 @@ def run_eval(
     overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """`aha eval`: a run folder (its config and last checkpoint) or a model, on each dataset."""
+    """`aha eval`: a run folder (its config and newest intact checkpoint) or a model, on each
+    dataset. A run folder without a checkpoint is refused: its base model is scored by naming
+    it (``aha eval MODEL``), never in its place without a word."""
     from datetime import datetime
 
     import torch
 
     from rl import setup
-    from rl.checkpoint import latest_checkpoint
+    from rl.checkpoint import checkpoint_step, newest_intact_checkpoint
     from rl.config import ConfigError, load_config
     from rl.data import load_prompts, required_columns
     from rl.models import load_tokenizer, resolve_model
 
+    if n < 1:
+        raise ConfigError(f"--n: must be at least 1, got {n}")
+    if limit is not None and limit < 1:
+        raise ConfigError(
+            f"--limit: must be at least 1 (or left out for every prompt), got {limit}"
+        )
+    if temperature is not None and not temperature >= 0:
+        raise ConfigError(f"--temperature: must be 0 (greedy) or more, got {temperature}")
     target_path = Path(target)
     checkpoint = None
     if (target_path / "config.yaml").is_file():  # a run folder
-        config = load_config(target_path / "config.yaml", overrides)
-        config.resume = None
-        checkpoint = latest_checkpoint(target_path)
-        default_out = (
-            target_path / "eval" / f"step-{checkpoint.name.split('-')[1] if checkpoint else 0}"
-        )
+        # resume=null: the run's config as it is, not a resume of it
+        config = load_config(target_path / "config.yaml", [*overrides, "resume=null"])
+        checkpoint, skipped = newest_intact_checkpoint(target_path)
+        for damaged, why in skipped:
+            print(f"warning: {damaged} is damaged ({why}); passed over", flush=True)
+        if checkpoint is None:
+            raise ConfigError(
+                f"{target}: this run folder has no intact checkpoint to score; to score its base "
+                f"model, name it: aha eval {config.model.name} --dataset ..."
+            )
+        default_out = target_path / "eval" / f"step-{checkpoint_step(checkpoint)}"
     else:
         config = load_config(None, [f"model.name={target}", *overrides])
         default_out = Path("evals") / f"{target_path.name or target}-{datetime.now():%Y%m%d-%H%M%S}"
-    if n < 1:
-        raise ConfigError(f"--n: must be at least 1, got {n}")
     setup.quiet_transformers()
     rewards = setup.build_rewards(config)
     model_folder = resolve_model(config.model.name)

@@ -8,13 +8,14 @@ global state.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rl.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,12 @@ PANELS = (
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """metrics.jsonl of a run folder as a list of records (training and eval lines)."""
+    """metrics.jsonl of a run folder as a list of records (training and eval lines); a last
+    line cut short by a stop is left out with a warning (rl/jsonl.py)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -104,9 +106,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
     from matplotlib.figure import Figure
 
     run_paths = [Path(r) for r in run_dirs]
+    runs = _named_runs(run_paths)  # first: a folder that is not a run gets no plots/ folder
     out_dir = Path(out) if out is not None else run_paths[0] / "plots"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out: {out_dir} is a file; plots go into a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = _named_runs(run_paths)
     written = []
     with_data = []
     for panel in PANELS:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rl.config import Config, ConfigError, config_to_yaml, load_config, save_config
+from rl.checkpoint import RunFolderError
+from rl.config import Config, ConfigError, config_to_yaml
+from rl.jsonl import read_jsonl
+
+if TYPE_CHECKING:
+    from rl.runfolder import RunFolder
 
 
 @dataclass
@@ -22,40 +27,15 @@ class RunSummary:
     seconds: float
 
 
-def make_run_dir(config: Config, config_path: str | None) -> Path:
-    if config.resume:
-        run_dir = Path(config.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"resume: {run_dir} is not a run folder (no config.yaml)")
-        return run_dir
-    if config.run_dir:
-        run_dir = Path(config.run_dir)
-        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            raise ConfigError(
-                f"run_dir: {run_dir} already holds a run; use resume={run_dir} to continue it"
-            )
-    else:
-        name = Path(config_path).stem if config_path else "run"
-        run_dir = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop lines of steps after the checkpoint we resume from: they will be redone."""
-    if not path.exists():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line).get("step", 0) <= last_step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def _append_json(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
+    try:
+        with path.open("a") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+    except OSError as error:  # a full disk: the line may be cut short, which a resume drops
+        raise RunFolderError(
+            f"could not write {path}: {error.strerror}; the last checkpoint is intact: "
+            f"free the space and resume={path.parent}"
+        ) from None
 
 
 def train(config: Config, config_path: str | None = None, progress: bool = True) -> RunSummary:
@@ -65,14 +45,17 @@ def train(config: Config, config_path: str | None = None, progress: bool = True)
 
     dist = distributed.init()  # one process: no process group, no distributed calls
     try:
-        return _train(config, config_path, progress, dist)
+        with contextlib.ExitStack() as held:  # the run folder's lock, released however it ends
+            return _train(config, config_path, progress, dist, held)
     finally:
         distributed.close(dist)
 
 
-def _train(config: Config, config_path: str | None, progress: bool, dist) -> RunSummary:
+def _train(
+    config: Config, config_path: str | None, progress: bool, dist, held: contextlib.ExitStack
+) -> RunSummary:
     from rl import setup
-    from rl.checkpoint import latest_checkpoint, load_trainer_state
+    from rl.checkpoint import load_trainer_state
     from rl.data import batches
     from rl.distributed import barrier, check_world, describe, shard
     from rl.perf import reset_peak_memory, step_perf
@@ -80,21 +63,18 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
     from rl.trainer import sync_engine, train_step
 
     started = time.time()
-    resuming = config.resume is not None
-    if resuming:  # the run's own config, with the few keys a resume may change
-        saved = load_config(Path(config.resume) / "config.yaml")
-        saved.resume, saved.train.steps = config.resume, config.train.steps
-        config = saved
+    # A resume's config is the run's own, with only the keys a resume may change (load_config
+    # resolves resume=; the run folder refuses any other change).
     check_world(config, dist)
     main = dist.is_main
     if main and dist.enabled:
         print(f"Training on {dist.world_size} processes: {describe(dist)}", flush=True)
-    run_dir = _shared_run_dir(config, config_path, dist)
-    checkpoint = latest_checkpoint(run_dir) if resuming else None
-    if resuming and checkpoint is None:
-        raise ConfigError(f"resume: {run_dir} has no complete checkpoint to resume from")
+    folder = _shared_run_dir(config, config_path, dist, held)
+    run_dir, checkpoint = folder.path, folder.checkpoint
     if main:
-        save_config(config, run_dir / "config.yaml")
+        for note in folder.notes:
+            print(note, flush=True)
+        _write(run_dir / "config.yaml", config_to_yaml(replace(config, resume=None)))
     from rl.tracking import Trackers, check_installed, open_trackers
 
     check_installed(config.tracking)  # a missing tracker package fails before the model loads
@@ -112,9 +92,9 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
         sync_engine(trainer)
         eval_before = state.get("eval_before")
         if main:
-            for log in ("metrics.jsonl", "samples.jsonl"):
-                _truncate_log(run_dir / log, trainer.step)
-            print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
+            done = trainer.step >= config.train.steps
+            finished = f": it is done at train.steps={config.train.steps}" if done else ""
+            print(f"Resuming {run_dir} from {checkpoint.name}{finished}", flush=True)
     elif parts.eval_prompts:
         if main:
             eval_before = _evaluate(
@@ -158,15 +138,18 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
         )
     bar.close()
 
-    if parts.eval_prompts and main:
-        eval_after = _evaluate(trainer, parts.eval_prompts, run_dir, "after training", tracker)
+    if parts.eval_prompts and main:  # a finished run resumed: its logged final evaluation
+        eval_after = folder.final_eval or _evaluate(
+            trainer, parts.eval_prompts, run_dir, "after training", tracker
+        )
     trainer.engine.close()
     tracker.close()
     summary = RunSummary(run_dir, trainer.step, eval_before, eval_after, time.time() - started)
     barrier(dist)
     if not main:
         return summary
-    (run_dir / "summary.json").write_text(
+    _write(
+        run_dir / "summary.json",
         json.dumps(
             {
                 "steps": summary.steps,
@@ -175,7 +158,7 @@ def _train(config: Config, config_path: str | None, progress: bool, dist) -> Run
                 "eval_after": eval_after,
             },
             indent=2,
-        )
+        ),
     )
     _write_plots(run_dir)
     print_summary(summary, run_dir)
@@ -210,20 +193,35 @@ def save_step(trainer, run_dir: Path, dist, extra: dict[str, Any], keep: int) ->
     barrier(dist)
 
 
-def _shared_run_dir(config: Config, config_path: str | None, dist) -> Path:
-    """Rank 0 picks (and makes) the run folder and tells the others, or tells them its error."""
+def _shared_run_dir(config: Config, config_path: str | None, dist, held) -> RunFolder:
+    """Rank 0 makes the run folder ready and locks it until the run ends (``held``), and tells
+    the others where it is and what checkpoint to load, or tells them its error."""
     from rl.distributed import broadcast_object
+    from rl.runfolder import RunFolder, open_run_folder
 
-    chosen: str | ConfigError | None = None
+    folder = None
+    chosen: tuple[str, str | None] | Exception | None = None
     if dist.is_main:
         try:
-            chosen = str(make_run_dir(config, config_path))
-        except ConfigError as error:
+            folder = open_run_folder(config, config_path)
+            held.callback(folder.lock.release)
+            chosen = (str(folder.path), folder.checkpoint and str(folder.checkpoint))
+        except (ConfigError, RunFolderError) as error:
             chosen = error
     chosen = broadcast_object(dist, chosen)
-    if isinstance(chosen, ConfigError):
+    if isinstance(chosen, Exception):
         raise chosen
-    return Path(chosen)
+    if folder is None:
+        path, checkpoint = chosen
+        folder = RunFolder(Path(path), checkpoint and Path(checkpoint))
+    return folder
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise RunFolderError(f"could not write {path}: {error.strerror}") from None
 
 
 def _restore_rng(payload: dict[str, Any], dist, seed: int) -> None:
@@ -236,9 +234,12 @@ def _restore_rng(payload: dict[str, Any], dist, seed: int) -> None:
         return
     set_rng_state(payload["rng"])
     if dist.rank > 0:  # another world size: rank 0's state, offset so ranks still differ
+        import numpy as np
         import torch
 
-        torch.manual_seed(seed + dist.rank + int(torch.randint(1 << 30, ()).item()))
+        offset = seed + dist.rank + int(torch.randint(1 << 30, ()).item())
+        torch.manual_seed(offset)
+        np.random.seed(offset % 2**32)
 
 
 def _log_step(trainer, metrics: dict[str, float], run_dir: Path, tracker) -> None:
@@ -307,7 +308,7 @@ def print_summary(summary: RunSummary, run_dir: Path) -> None:
     lines = [f"Run folder: {run_dir}", f"Steps: {summary.steps} in {summary.seconds / 60:.1f} min"]
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists():
-        steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        steps = read_jsonl(metrics_path)
         rewards = [s["reward/mean"] for s in steps if "reward/mean" in s]
         if rewards:
             head, tail = rewards[: max(len(rewards) // 4, 1)], rewards[-max(len(rewards) // 4, 1) :]

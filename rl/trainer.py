@@ -446,5 +446,10 @@ def rollout_summary(rollout: Rollout) -> dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global RNGs (vLLM's GPU model runner draws each request's
+    sampling seed from numpy's)."""
+    import numpy as np
+
     random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy's legacy seed takes 32 bits
     torch.manual_seed(seed)

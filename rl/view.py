@@ -13,13 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rl.jsonl import read_jsonl
+
 
 def load_samples(run_dir: str | Path) -> list[dict[str, Any]]:
-    """samples.jsonl of a run folder as a list of records."""
+    """samples.jsonl of a run folder as a list of records; a last line cut short by a stop is
+    left out with a warning (rl/jsonl.py)."""
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no samples.jsonl (is it a run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _json_for_script(data: Any) -> str:
@@ -132,6 +135,9 @@ def render_html(samples: list[dict[str, Any]], title: str) -> str:
 def write_view(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the page (default RUN_DIR/view.html) and return its path."""
     run_dir = Path(run_dir)
+    page = render_html(load_samples(run_dir), f"aha rollouts: {run_dir.resolve().name}")
     path = Path(out) if out is not None else run_dir / "view.html"
-    path.write_text(render_html(load_samples(run_dir), f"aha rollouts: {run_dir.resolve().name}"))
+    if path.is_dir():
+        raise IsADirectoryError(f"--out: {path} is a folder; the page is one file")
+    path.write_text(page)
     return path

@@ -149,7 +149,9 @@ def test_run_figures_takes_medians_after_the_warm_up_step_and_peaks_over_all(tmp
     assert run_figures.main([str(tmp_path)]) == 0
     assert "perf/mfu                 0.2500" in capsys.readouterr().out
 
-    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[1]) + "\n{oops\n")
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps(lines[1]) + "\n{oops\n" + json.dumps(lines[2]) + "\n"
+    )  # (a bad last line is a write cut short by a stop: dropped with a warning, rl/jsonl.py)
     assert run_figures.main([str(tmp_path)]) == 2
     assert "metrics.jsonl, line 2: not JSON" in capsys.readouterr().err
     assert run_figures.main([str(tmp_path / "nowhere")]) == 2

@@ -16,6 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from rl.jsonl import read_jsonl
+
 MEDIAN = (
     "timing_s/step",
     "timing_s/gen",
@@ -37,16 +39,9 @@ def step_lines(metrics_file: Path) -> list[dict[str, float]]:
     """The per-step lines of a metrics.jsonl (evaluation lines have no loss), in step order."""
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file}: no such file (is this a run folder?)")
-    lines = []
-    for number, text in enumerate(metrics_file.read_text().splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{metrics_file}, line {number}: not JSON ({error.msg})") from None
-        if "loss" in line:
-            lines.append(line)
+    lines = [
+        line for line in read_jsonl(metrics_file) if "loss" in line
+    ]  # JsonlError: a ValueError
     return sorted(lines, key=lambda line: line["step"])
 
 
