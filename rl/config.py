@@ -220,7 +220,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str | None = None  # None: runs/<config name>-<time>
-    resume: str | None = None  # a run folder: continue from its last checkpoint
+    resume: str | None = None  # a run folder: continue it from its newest intact checkpoint, with its own config
 
 
 # ---------------------------------------------------------------- building from plain data
