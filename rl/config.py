@@ -220,7 +220,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str | None = None  # None: runs/<config name>-<time>
-    resume: str | None = None  # a run folder: continue it from its newest intact checkpoint, with its own config
+    # a run folder: continue it from its newest intact checkpoint, with its own config
+    resume: str | None = None
 
 
 # ---------------------------------------------------------------- building from plain data
