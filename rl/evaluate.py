@@ -183,13 +183,10 @@ def run_eval(
     it (``aha eval MODEL``), never in its place without a word."""
     from datetime import datetime
 
-    import torch
-
     from rl import setup
-    from rl.checkpoint import checkpoint_step, newest_intact_checkpoint
+    from rl.checkpoint import checkpoint_step
     from rl.config import ConfigError, load_config
     from rl.data import load_prompts, required_columns
-    from rl.models import load_tokenizer, resolve_model
 
     if n < 1:
         raise ConfigError(f"--n: must be at least 1, got {n}")
@@ -201,29 +198,21 @@ def run_eval(
         raise ConfigError(f"--temperature: must be 0 (greedy) or more, got {temperature}")
     target_path = Path(target)
     checkpoint = None
-    if (target_path / "config.yaml").is_file():  # a run folder
-        # resume=null: the run's config as it is, not a resume of it
-        config = load_config(target_path / "config.yaml", [*overrides, "resume=null"])
-        checkpoint, skipped = newest_intact_checkpoint(target_path)
-        for damaged, why in skipped:
-            print(f"warning: {damaged} is damaged ({why}); passed over", flush=True)
+    if (run_dir := setup.run_folder(target)) is not None:
+        config, checkpoint = setup.load_run(run_dir, overrides)
         if checkpoint is None:
             raise ConfigError(
                 f"{target}: this run folder has no intact checkpoint to score; to score its base "
                 f"model, name it: aha eval {config.model.name} --dataset ..."
             )
-        default_out = target_path / "eval" / f"step-{checkpoint_step(checkpoint)}"
+        default_out = run_dir / "eval" / f"step-{checkpoint_step(checkpoint)}"
     else:
         config = load_config(None, [f"model.name={target}", *overrides])
         default_out = Path("evals") / f"{target_path.name or target}-{datetime.now():%Y%m%d-%H%M%S}"
     setup.quiet_transformers()
     rewards = setup.build_rewards(config)
-    model_folder = resolve_model(config.model.name)
-    tokenizer = load_tokenizer(model_folder)
-    model = setup.load_trained_policy(config, model_folder, checkpoint)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    engine = setup.build_engine(config, model, tokenizer, model_folder)
-    engine.update_weights(model.named_parameters(), version=0)
+    model, tokenizer, model_folder = setup.load_frozen_policy(config, checkpoint)
+    engine = setup.frozen_engine(config, model, tokenizer, model_folder)
     sampling = eval_sampling(config.rollout, n, temperature)
     needed = required_columns([r.fn for r in rewards])
     out_dir = Path(out) if out else default_out

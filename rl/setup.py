@@ -88,7 +88,8 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path):
         if r.server_url:
             from rollouts.server import ServerEngine, ServerError
 
-            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            # model: None for a teacher that only the server holds (frozen: no weights to push)
+            tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
             try:
                 return ServerEngine(
                     r.server_url, tokenizer, r.server_mode, r.server_sync_dir, tied, lora_scaling
@@ -143,6 +144,52 @@ def load_trained_policy(config: Config, model_folder: Path, checkpoint: Path | N
 
         set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
     return model
+
+
+def run_folder(target: str | Path) -> Path | None:
+    """``target`` as a run folder (it holds config.yaml), or None when it is something else."""
+    path = Path(target)
+    return path if (path / "config.yaml").is_file() else None
+
+
+def load_run(
+    run_dir: Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[Config, Path | None]:
+    """A run folder's own config (with ``overrides``; not a resume of it) and its newest intact
+    checkpoint (None before the first; damaged newer ones are passed over with a warning): what
+    `aha eval` scores and what a distillation teacher samples with."""
+    from rl.checkpoint import newest_intact_checkpoint
+    from rl.config import load_config
+
+    # resume=null: the run's config as it is, not a resume of it
+    config = load_config(run_dir / "config.yaml", [*overrides, "resume=null"])
+    checkpoint, skipped = newest_intact_checkpoint(run_dir)
+    for damaged, why in skipped:
+        print(f"warning: {damaged} is damaged ({why}); passed over", flush=True)
+    return config, checkpoint
+
+
+def load_frozen_policy(config: Config, checkpoint: Path | None = None):
+    """The config's model with a checkpoint's weights (or LoRA adapter), to generate or score
+    with only: eval mode, no gradients, on the GPU where there is one. Returns (model,
+    tokenizer, the model's folder)."""
+    model_folder = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(model_folder)
+    model = load_trained_policy(config, model_folder, checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer, model_folder
+
+
+def frozen_engine(config: Config, model, tokenizer, model_folder: Path | None):
+    """The configured rollout engine, sampling from ``model`` as it is: vLLM gets its weights
+    (it loaded the base folder; a checkpoint's weights or LoRA adapter come with the push), a
+    frozen vLLM server (``rollout.server_mode=frozen``) serves its own and gets none."""
+    engine = build_engine(config, model, tokenizer, model_folder)
+    r = config.rollout
+    if not (r.engine == "vllm" and r.server_url and r.server_mode == "frozen"):
+        engine.update_weights(model.named_parameters(), version=0)
+    return engine
 
 
 def quiet_transformers() -> None:
