@@ -41,9 +41,15 @@ def resolve_model(name: str) -> Path:
         return _tiny_random()
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"model.name: {path} is a folder but has no config.json")
-        return path
+        if (path / "config.json").is_file():
+            return path
+        if (
+            path / "adapter_config.json"
+        ).is_file():  # a LoRA checkpoint (aha train, aha distill sft)
+            return _merged_adapter(path)
+        raise ModelNotFoundError(
+            f"model.name: {path} is a folder but has no config.json (nor a LoRA adapter_config.json)"
+        )
     if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFoundError(
             f"model.name: {name!r} is not a folder, and not '{EMBEDDED}', '{TINY}' or a hub id (owner/name)"
@@ -93,6 +99,45 @@ def _atomic_build(target: Path, build) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _merged_adapter(adapter: Path) -> Path:
+    """A LoRA adapter folder as a whole model: its base with the adapter merged in, built once
+    per adapter content, so a LoRA run's checkpoint can start another run (RL after SFT)."""
+    import hashlib
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelNotFoundError(
+            f"model.name: {adapter} has adapter_config.json but no {weights.name}"
+        )
+    adapter_config = (adapter / "adapter_config.json").read_bytes()
+    base_name = json.loads(adapter_config).get("base_model_name_or_path")
+    if not base_name:
+        raise ModelNotFoundError(f"model.name: {adapter}/adapter_config.json names no base model")
+    try:
+        base = resolve_model(base_name)
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(
+            f"model.name: the LoRA adapter {adapter} needs its base model {base_name!r}: {error}"
+        ) from None
+    digest = hashlib.sha256(adapter_config + weights.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"merged-{adapter.name}-{digest}"
+
+    def build(folder: Path) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        merged.save_pretrained(folder, safe_serialization=True)
+        tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+        load_tokenizer(tokenizer_source).save_pretrained(folder)
+
+    if (target / "config.json").is_file():
+        return target
+    print(f"Merging the LoRA adapter {adapter} into its base model, in {target}", flush=True)
+    return _atomic_build(target, build)
 
 
 def _embedded_smollm2() -> Path:
