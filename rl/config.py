@@ -208,6 +208,31 @@ class TrackingConfig:
 
 
 @dataclass
+class DistillConfig:
+    # `aha distill generate` (docs/distillation.md): the teacher samples `samples` traces per
+    # prompt of data.dataset/data.split, the config's rewards grade each, and these keys decide
+    # which are kept.
+    samples: int = 4  # traces the teacher samples per prompt (`samples=K` on the command line)
+    max_prompts: int = 0  # the split's first N prompts; 0 = all of them
+    # The reward a trace must pass: "first" is the first reward alone (the correctness grader,
+    # as `aha eval`'s accuracy), "total" the weighted sum of all of them.
+    reward: Literal["first", "total"] = "first"
+    min_reward: float = 1.0  # a trace passes when that reward is >= this
+    # Per prompt, of its passing traces after duplicates (the same text up to whitespace) are
+    # dropped: "all" of them, the "shortest" (fewest tokens; the first sampled on a tie), or
+    # the "first" sampled.
+    keep: Literal["all", "shortest", "first"] = "all"
+    min_tokens: int = 1  # traces with fewer completion tokens are dropped
+    max_tokens: int = 0  # traces with more completion tokens are dropped; 0 = rollout.max_tokens
+    # Keep traces cut at rollout.max_tokens (they never reached the end-of-sequence token): off,
+    # so that the student learns to stop, as the teacher did.
+    keep_truncated: bool = False
+    # `aha distill sft` takes steps, learning rate, schedule, AdamW, micro-batch, seed and
+    # checkpoints from train.*; only the batch differs from RL's (there is no generation batch).
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -219,6 +244,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # `aha distill` (generate, sft)
     run_dir: str | None = None  # None: runs/<config name>-<time>
     # a run folder: continue it from its newest intact checkpoint, with its own config
     resume: str | None = None
@@ -539,6 +565,7 @@ def validate(config: Config) -> None:
     if not config.rewards:
         raise ConfigError("rewards: at least one reward is needed")
     _validate_algorithm(config)
+    _validate_distill(config.distill)
     from rl import algorithms  # registries; cheap, but imports torch
 
     for key, registry in (
@@ -591,6 +618,19 @@ def _validate_algorithm(config: Config) -> None:
         raise ConfigError(
             f"train.mini_batch_size: must be 0 (the whole batch) or divide the generation batch "
             f"prompts_per_step * group_size = {generation_batch}, got {train.mini_batch_size}"
+        )
+
+
+def _validate_distill(distill: DistillConfig) -> None:
+    for key in ("samples", "batch_size"):
+        if getattr(distill, key) < 1:
+            raise ConfigError(f"distill.{key}: must be at least 1, got {getattr(distill, key)}")
+    for key in ("max_prompts", "min_tokens", "max_tokens"):
+        if getattr(distill, key) < 0:
+            raise ConfigError(f"distill.{key}: must be 0 or more, got {getattr(distill, key)}")
+    if distill.max_tokens and distill.max_tokens < distill.min_tokens:
+        raise ConfigError(
+            f"distill.max_tokens: {distill.max_tokens} is below distill.min_tokens {distill.min_tokens}"
         )
 
 
