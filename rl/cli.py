@@ -27,6 +27,46 @@ config.yaml (resolved), metrics.jsonl, samples.jsonl, summary.json and checkpoin
 """
 OVERRIDE_COMMANDS = ("train", "eval", "config")
 
+DISTILL_HELP = """\
+Distillation, R1's way (docs/distillation.md): a teacher's verified traces, then supervised
+fine-tuning of a student on them.
+
+  aha distill generate CONFIG teacher=MODEL_OR_RUN_DIR_OR_URL out=DIR [samples=K] [KEY=VALUE ...]
+  aha distill sft CONFIG data=DIR student=MODEL out=RUN_DIR [KEY=VALUE ...]
+  aha distill sft CONFIG resume=RUN_DIR [train.steps=N]
+
+Then RL from the student: aha train CONFIG model.name=RUN_DIR/checkpoints/step-N
+"""
+
+GENERATE_HELP = """\
+The teacher samples distill.samples traces per prompt of data.dataset/data.split with the
+configured rollout engine; the config's rewards grade them; the passing ones (distill.reward >=
+distill.min_reward, deduplicated, within distill.min_tokens/max_tokens, distill.keep per prompt)
+are written to out=DIR as a Hugging Face dataset of chat messages, with summary.json.
+
+teacher= a model name or folder, a run folder (its model at its latest checkpoint), or a vLLM
+server's URL (http://HOST:PORT, sampled in rollout.server_mode=frozen; model.name must then
+name the served model's tokenizer). samples=K is distill.samples; other KEY=VALUE override the
+config as in `aha train`, e.g.:
+
+  aha distill generate configs/default.yaml teacher=runs/grpo-1 out=traces/grpo-1 samples=8
+  aha distill generate configs/default.yaml teacher=http://10.0.0.2:8000 out=traces/big \\
+      model.name=Qwen/Qwen2.5-7B-Instruct distill.keep=shortest
+"""
+
+SFT_HELP = """\
+Fine-tune the student on the traces in data=DIR with TRL's SFTTrainer: the loss on the
+assistant's reply only (prompt and data.response_prefix tokens masked), the student's chat
+template, LoRA by model.lora.*, train.steps/learning_rate/lr_schedule/micro_batch_size and
+distill.batch_size. out=RUN_DIR gets an aha run folder: config.yaml, metrics.jsonl,
+checkpoints/step-N (aha eval RUN_DIR and aha train model.name=RUN_DIR/checkpoints/step-N take
+them), summary.json. resume=RUN_DIR continues an SFT run from its last checkpoint.
+
+  aha distill sft configs/default.yaml data=traces/grpo-1 student=smollm2-135m out=runs/sft-1
+  accelerate launch --multi_gpu --num_processes 2 -m rl.cli distill sft configs/tiny.yaml \\
+      data=traces/t out=runs/sft-2
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -93,6 +133,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="config overrides, e.g. rollout.max_tokens=512",
     )
+
+    distill = commands.add_parser(
+        "distill",
+        help="a teacher's verified traces (generate), a student fine-tuned on them (sft)",
+        description=DISTILL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    distill_sub = distill.add_subparsers(dest="distill_command", metavar="SUBCOMMAND")
+    for name, short, text in (
+        ("generate", "sample, verify and keep the teacher's traces as a dataset", GENERATE_HELP),
+        ("sft", "supervised fine-tuning of a student on traces (TRL's SFTTrainer)", SFT_HELP),
+    ):
+        sub = distill_sub.add_parser(
+            name, help=short, description=text, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sub.add_argument(
+            "config", metavar="CONFIG", help="YAML config file (overrides of the defaults)"
+        )
+        sub.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="KEY=VALUE",
+            help="the command's keys and config overrides",
+        )
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     config_cmd = commands.add_parser(
         "config",
@@ -202,6 +267,61 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _own_keys(
+    overrides: list[str], own: tuple[str, ...], aliases: dict[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """A command's own KEY=VALUE arguments (teacher=, out=, ...) apart from config overrides;
+    ``aliases`` turn a short key into a config override (samples=K -> distill.samples=K)."""
+    mine: dict[str, str] = {}
+    rest: list[str] = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if sep and key in own:
+            mine[key] = value
+        elif sep and key in aliases:
+            rest.append(f"{aliases[key]}={value}")
+        else:
+            rest.append(text)
+    return mine, rest
+
+
+def _distill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rl.config import ConfigError, load_config
+
+    if args.distill_command == "generate":
+        mine, overrides = _own_keys(
+            args.overrides, ("teacher", "out"), {"samples": "distill.samples"}
+        )
+        missing = [key for key in ("teacher", "out") if not mine.get(key)]
+        if missing:
+            raise ConfigError(
+                f"aha distill generate needs {' and '.join(k + '=' for k in missing)}"
+            )
+        config = load_config(args.config, overrides)
+        from rl.distill.generate import generate
+
+        generate(config, mine["teacher"], mine["out"], progress=not args.no_progress)
+        return 0
+    if args.distill_command == "sft":
+        mine, overrides = _own_keys(args.overrides, ("data", "student", "out", "resume"), {})
+        if mine.get("student"):
+            overrides.append(f"model.name={mine['student']}")
+        config = load_config(args.config, overrides)
+        from rl.distill.sft import run_sft
+
+        run_sft(
+            config,
+            mine.get("data"),
+            out=mine.get("out"),
+            resume=mine.get("resume"),
+            config_path=args.config,
+            progress=not args.no_progress,
+        )
+        return 0
+    parser.parse_args(["distill", "--help"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = _parse(parser, argv)
@@ -235,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides=args.overrides,
             )
             return 0
+        if args.command == "distill":
+            return _distill(args, parser)
         if args.command == "config":
             from rl.config import config_to_yaml, load_config
 

@@ -5,6 +5,7 @@ from rewards.registry import UnknownRewardError
 from rl.checkpoint import RunFolderError
 from rl.config import ConfigError
 from rl.data import DataError
+from rl.distill.traces import DistillError
 from rl.jsonl import JsonlError
 from rl.models import ModelNotFoundError
 from rl.scoring import RewardError
@@ -12,6 +13,7 @@ from rl.scoring import RewardError
 USER_ERRORS = (
     ConfigError,
     DataError,
+    DistillError,
     ModelNotFoundError,
     UnknownRewardError,
     RewardError,

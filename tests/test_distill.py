@@ -1,0 +1,587 @@
+"""`aha distill`: which traces are kept, the dataset on disk, the SFT data (only the reply is
+trained, the prompt and response prefix masked on a batch the trainer's own collator makes),
+and tiny runs end to end: generate, sft, then `aha train` and `aha eval` on the student."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FIXTURES, ROOT
+from safetensors.torch import load_file
+
+from rl.cli import main
+from rl.config import DistillConfig, load_config
+from rl.data import DataError
+from rl.distill.traces import (
+    Trace,
+    read_dataset,
+    select_traces,
+    trace_row,
+    write_dataset,
+)
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+DIGITS = f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count', weight: 1.0}}]"
+
+
+def trace(sample, score=1.0, text=None, tokens=5, truncated=False, prompt=0):
+    return Trace(prompt, sample, text or f"reply {prompt}-{sample}", score, tokens, truncated)
+
+
+# ---------------------------------------------------------------- which traces are kept
+
+NAN = math.nan
+SELECTION_CASES = [
+    # (settings, traces, kept (prompt, sample), dropped counts)
+    (
+        {},
+        [trace(0, 1.0), trace(1, 0.0), trace(2, 1.5), trace(3, NAN), trace(4, 0.999)],
+        [(0, 0), (0, 2)],
+        {"below_min_reward": 3},
+    ),
+    (
+        {"min_reward": 0.5},
+        [trace(0, 0.5), trace(1, 0.49)],
+        [(0, 0)],
+        {"below_min_reward": 1},
+    ),
+    (  # duplicates: the same text up to whitespace; the first sampled stays
+        {},
+        [trace(0, text="a b"), trace(1, text=" a  b\n"), trace(2, text="a c")],
+        [(0, 0), (0, 2)],
+        {"duplicate": 1},
+    ),
+    (  # a failing trace does not claim its text: a later passing copy is kept
+        {},
+        [trace(0, 0.0, text="same"), trace(1, 1.0, text="same")],
+        [(0, 1)],
+        {"below_min_reward": 1},
+    ),
+    (
+        {},
+        [trace(0, truncated=True), trace(1)],
+        [(0, 1)],
+        {"truncated": 1},
+    ),
+    (
+        {"keep_truncated": True},
+        [trace(0, truncated=True), trace(1)],
+        [(0, 0), (0, 1)],
+        {},
+    ),
+    (
+        {"min_tokens": 1, "max_tokens": 10},
+        [trace(0, tokens=0), trace(1, tokens=1), trace(2, tokens=10), trace(3, tokens=11)],
+        [(0, 1), (0, 2)],
+        {"too_short": 1, "too_long": 1},
+    ),
+    (  # max_tokens 0: no limit
+        {"max_tokens": 0},
+        [trace(0, tokens=100_000)],
+        [(0, 0)],
+        {},
+    ),
+    (  # shortest: fewest tokens, the first sampled on a tie
+        {"keep": "shortest"},
+        [trace(0, tokens=7), trace(1, tokens=3), trace(2, tokens=3), trace(3, tokens=9)],
+        [(0, 1)],
+        {"not_chosen": 3},
+    ),
+    (  # shortest among the passing, deduplicated ones: sample 2 is a copy of 1, sample 0 fails
+        {"keep": "shortest"},
+        [
+            trace(0, 0.0, tokens=1),
+            trace(1, text="x", tokens=5),
+            trace(2, text="x", tokens=4),
+            trace(3, text="y", tokens=6),
+        ],
+        [(0, 1)],
+        {"below_min_reward": 1, "duplicate": 1, "not_chosen": 1},
+    ),
+    (
+        {"keep": "first"},
+        [trace(0, 0.0), trace(1), trace(2)],
+        [(0, 1)],
+        {"below_min_reward": 1, "not_chosen": 1},
+    ),
+    (  # prompts are independent; one with no passing trace adds nothing; order is restored
+        {"keep": "first"},
+        [
+            trace(1, prompt=2),
+            trace(0, 0.0, prompt=1),
+            trace(0, prompt=2),
+            trace(0, prompt=0),
+            trace(1, 0.0, prompt=1),
+        ],
+        [(0, 0), (2, 0)],
+        {"below_min_reward": 2, "not_chosen": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "traces", "kept", "dropped"), SELECTION_CASES)
+def test_select_keeps_exactly_the_passing_traces(settings, traces, kept, dropped):
+    chosen, counts = select_traces(traces, DistillConfig(**settings))
+    assert [(t.prompt, t.sample) for t in chosen] == kept
+    assert {k: v for k, v in counts.items() if v} == dropped
+    assert len(chosen) + sum(counts.values()) == len(traces)  # every trace accounted for
+
+
+def test_the_compared_reward_is_the_first_or_the_total():
+    from rl.distill.generate import trace_score
+    from rollouts.record import Prompt, Rollout
+
+    rollout = Rollout(Prompt(0, "q", [1], {}), [2], "a", None, "stop", 0)
+    rollout.rewards, rollout.reward = {"math": 1.0, "format": 0.0}, 1.2
+    assert trace_score(rollout, "math", "first") == 1.0
+    assert trace_score(rollout, "math", "total") == 1.2
+    rollout.rewards["math"] = None  # "does not apply": never passes
+    assert math.isnan(trace_score(rollout, "math", "first"))
+
+
+# ---------------------------------------------------------------- the dataset on disk
+
+
+def sample_rows():
+    system = {"role": "system", "content": "Think first."}
+    return [
+        trace_row(
+            [system, {"role": "user", "content": "1+1?"}],
+            "<think> one and one </think> <answer> 2 </answer>",
+            1.2,
+            {"math": 1.0, "format": 1.0},
+            0,
+            14,
+            2,
+        ),
+        trace_row(
+            [system, {"role": "user", "content": "2+5?"}],
+            "<think> ünïcode \n lines </think> <answer> 7 </answer>",
+            1.0,
+            {"math": 1.0, "format": NAN},  # NaN is stored as null
+            3,
+            9,
+            None,
+        ),
+    ]
+
+
+def test_the_dataset_round_trips_through_datasets(tmp_path):
+    import datasets
+
+    out = tmp_path / "traces"
+    rows = sample_rows()
+    write_dataset(rows, {"kept": 2}, out)
+    expected = [dict(row, rewards=dict(row["rewards"])) for row in rows]
+    expected[1]["rewards"]["format"] = None
+    assert expected[0]["answer"] == "2" and expected[1]["answer"] is None
+    from_disk = datasets.load_from_disk(str(out))
+    from_json = datasets.load_dataset("json", data_files=str(out / "traces.jsonl"), split="train")
+    assert from_disk.to_list() == expected
+    assert from_json.to_list() == expected
+    assert read_dataset(out).to_list() == expected
+    assert read_dataset(out / "traces.jsonl").to_list() == expected
+    assert json.loads((out / "summary.json").read_text()) == {"kept": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["traces"]  # no work folder left behind
+
+
+def test_a_dataset_is_never_overwritten_and_bad_data_is_one_line(tmp_path):
+    from rl.config import ConfigError
+
+    out = tmp_path / "traces"
+    write_dataset(sample_rows(), {}, out)
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        write_dataset(sample_rows(), {}, out)
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "1+1?"}\n')
+    with pytest.raises(DataError, match="no 'messages' column"):
+        read_dataset(tmp_path / "rows.jsonl")
+    with pytest.raises(DataError, match="is not a dataset folder"):
+        read_dataset(tmp_path / "nothing-here")
+
+
+# ---------------------------------------------------------------- the SFT rows
+
+
+def test_sft_rows_are_the_rl_prompt_tokens_then_the_reply_and_its_end(tiny_tokenizer):
+    """The prompt part is what RL samples after (rl.data.load_prompts' ids, response prefix
+    included); the rest is the reply after the prefix, tokenized alone, and the EOS token."""
+    from rl.data import load_prompts
+    from rl.distill.sft import tokenize_traces
+
+    config = load_config(TINY, ["data.response_prefix=<think>"])
+    (prompt,) = load_prompts("arithmetic", "train", tiny_tokenizer, config.data, [], 0, 1)
+    reply = "<think> 3 and 4 </think> <answer> 7 </answer>"
+    row = trace_row(prompt.messages, reply, 1.0, {}, 0, 0)
+    (tokens,) = tokenize_traces([row], tiny_tokenizer, config.data, "test")
+    completion = tiny_tokenizer.encode(
+        " 3 and 4 </think> <answer> 7 </answer>", add_special_tokens=False
+    )
+    assert tokens["input_ids"] == [*prompt.ids, *completion, tiny_tokenizer.eos_token_id]
+    assert tokens["completion_mask"] == [0] * len(prompt.ids) + [1] * (len(completion) + 1)
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([{"role": "user", "content": "1+1?"}], "must be a conversation that ends"),
+        (
+            [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+            "does not start with data.response_prefix='<think>'",
+        ),
+        ([{"role": "assistant", "content": "<think>"}], "must be a conversation that ends"),
+    ],
+)
+def test_bad_sft_rows_name_the_row(tiny_tokenizer, messages, message):
+    from rl.distill.sft import tokenize_traces
+
+    config = load_config(TINY, ["data.response_prefix=<think>"])
+    good = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think> 4"}]
+    with pytest.raises(DataError, match=f"test: row 1: .*{message}"):
+        tokenize_traces(
+            [{"messages": good}, {"messages": messages}], tiny_tokenizer, config.data, "test"
+        )
+
+
+@pytest.mark.slow
+def test_sft_trains_only_the_reply_on_a_collated_batch(tmp_path, tiny_tokenizer):
+    """TRL's own collator on TRL's own prepared dataset: every prompt and response-prefix token,
+    and the padding, has label -100; the reply and its end token keep their ids."""
+    from rl.distill.sft import build_trainer
+
+    data = tmp_path / "traces"
+    rows = sample_rows()
+    write_dataset(rows, {}, data)
+    config = load_config(TINY, ["data.response_prefix=<think>"])
+    trainer = build_trainer(config, data, tmp_path / "run", progress=False)
+    examples = [trainer.train_dataset[i] for i in range(len(rows))]
+    batch = trainer.data_collator(examples)
+    prefix = tiny_tokenizer.encode("<think>", add_special_tokens=False)
+    for i, row in enumerate(rows):
+        prompt = tiny_tokenizer.apply_chat_template(
+            row["messages"][:-1], add_generation_prompt=True, tokenize=True
+        )
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) + prefix
+        length = int(batch["attention_mask"][i].sum())
+        labels, ids = batch["labels"][i], batch["input_ids"][i]
+        assert ids[: len(prompt)].tolist() == prompt
+        assert (labels[: len(prompt)] == -100).all()  # the prompt, prefix included
+        assert (labels[len(prompt) : length] == ids[len(prompt) : length]).all()
+        assert (labels[length:] == -100).all()  # padding
+        reply = row["messages"][-1]["content"].removeprefix("<think>")
+        assert tiny_tokenizer.decode(labels[len(prompt) : length]) == reply + "<|im_end|>"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def run_aha(capsys, *args) -> tuple[int, str]:
+    code = main([*args, "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_then_sft_then_rl_and_eval_on_the_student(tmp_path, capsys):
+    from rl.evaluate import run_eval
+    from rl.models import resolve_model
+    from rl.run import train
+
+    traces = tmp_path / "traces"
+    code, err = run_aha(
+        capsys,
+        "distill",
+        "generate",
+        TINY,
+        "teacher=tiny-random",
+        f"out={traces}",
+        "samples=3",
+        DIGITS,
+        "distill.max_prompts=4",
+        "distill.keep_truncated=true",  # the random model seldom ends a 16-token reply
+    )
+    assert code == 0, err
+    summary = json.loads((traces / "summary.json").read_text())
+    assert summary["prompts"] == 4 and summary["traces"] == 12
+    rows = read_dataset(traces).to_list()
+    assert len(rows) == summary["kept"] > 0
+    assert sum(int(n) * c for n, c in summary["kept_per_prompt"].items()) == len(rows)
+    assert all(
+        r["reward"] >= 1.0 and [m["role"] for m in r["messages"]][-1] == "assistant" for r in rows
+    )
+    assert summary["tokens_kept"] == sum(r["completion_tokens"] for r in rows)
+
+    run = tmp_path / "sft"
+    sft = [
+        "distill",
+        "sft",
+        TINY,
+        f"data={traces}",
+        "train.micro_batch_size=2",
+        "distill.batch_size=4",
+    ]
+    code, err = run_aha(capsys, *sft, "student=tiny-random", f"out={run}", "train.steps=2")
+    assert code == 0, err
+    assert load_config(run / "config.yaml").model.name == "tiny-random"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
+    checkpoint = run / "checkpoints" / "step-2"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state == {"step": 2, "stage": "sft", "data": str(traces)}
+    before = load_file(resolve_model("tiny-random") / "model.safetensors")
+    after = load_file(checkpoint / "model.safetensors")
+    assert all(not torch.equal(before[name], after[name]) for name in before)
+
+    # RL from the student (R1's cold start), and the student's evaluation
+    config = load_config(TINY, [f"run_dir={tmp_path / 'rl'}", f"model.name={checkpoint}", DIGITS])
+    assert train(config, progress=False).steps == 2
+    results = run_eval(str(run), ["arithmetic"], limit=2, progress=False)
+    assert 0.0 <= results["arithmetic"]["accuracy"] <= 1.0
+    assert (run / "eval" / "step-2" / "summary-arithmetic.json").is_file()
+
+    # resume continues the SFT run (TRL's optimizer state); `aha train resume=` refuses it
+    code, err = run_aha(capsys, "distill", "sft", TINY, f"resume={run}", "train.steps=3")
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    optimizer = torch.load(run / "checkpoints" / "step-3" / "optimizer.pt", weights_only=False)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}
+    code, err = run_aha(capsys, "train", TINY, f"resume={run}")
+    assert code == 2 and err.count("\n") == 1 and "aha distill sft" in err
+
+
+@pytest.mark.slow
+def test_a_lora_student_loads_in_eval_and_starts_rl(tmp_path, capsys, monkeypatch):
+    """With model.lora the checkpoint is the adapter; `aha eval` loads it onto the base, and
+    model.name=checkpoint merges it into the base (once) for RL."""
+    from rl.evaluate import run_eval
+    from rl.models import resolve_model
+    from rl.run import train
+
+    monkeypatch.setenv("AHA_CACHE", str(tmp_path / "cache"))  # the merged model is built here
+    data = tmp_path / "traces"
+    write_dataset(sample_rows(), {}, data)
+    run = tmp_path / "sft"
+    code, err = run_aha(
+        capsys,
+        "distill",
+        "sft",
+        TINY,
+        f"data={data}",
+        f"out={run}",
+        "model.lora.enabled=true",
+        "train.steps=2",
+        "train.micro_batch_size=2",
+        "distill.batch_size=2",
+    )
+    assert code == 0, err
+    checkpoint = run / "checkpoints" / "step-2"
+    adapter = load_file(checkpoint / "adapter_model.safetensors")
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in adapter.items())
+    from peft import get_peft_model_state_dict
+
+    from rl.setup import load_frozen_policy, load_run
+
+    model, _, _ = load_frozen_policy(*load_run(run))  # what `aha eval RUN_DIR` scores
+    loaded = get_peft_model_state_dict(model)
+    assert set(loaded) == set(adapter)
+    assert all(torch.equal(loaded[name], adapter[name]) for name in adapter)
+    assert run_eval(str(run), ["arithmetic"], limit=1, progress=False)["arithmetic"] is not None
+
+    merged = resolve_model(str(checkpoint))
+    base = load_file(resolve_model("tiny-random") / "model.safetensors")
+    weights = load_file(merged / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], weights[name])}
+    assert changed and all("proj" in name for name in changed)  # LoRA's target modules only
+    config = load_config(TINY, [f"run_dir={tmp_path / 'rl'}", f"model.name={checkpoint}", DIGITS])
+    assert train(config, progress=False).steps == 2
+
+
+@pytest.mark.slow
+def test_no_trace_kept_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "traces"
+    code, err = run_aha(
+        capsys,
+        "distill",
+        "generate",
+        TINY,
+        "teacher=tiny-random",
+        f"out={out}",
+        "samples=2",
+        DIGITS,
+        "distill.max_prompts=2",
+        "distill.min_reward=1000",
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("aha: error: no trace kept: 0 of 4 teacher traces (2 prompts x 2)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", TINY, "out=/tmp/x"], "needs teacher="),
+        (["generate", TINY], "needs teacher= and out="),
+        (
+            ["generate", TINY, "teacher=tiny-random", "out=/tmp/x", "distill.keep=best"],
+            "distill.keep",
+        ),
+        (["generate", TINY, "teacher=tiny-random", "out=/tmp/x", "samples=0"], "distill.samples"),
+        (["sft", TINY, "out=/tmp/x"], "data: name the traces"),
+        (["sft", TINY, "data=/tmp/x"], "out: name the run folder"),
+    ],
+)
+def test_missing_or_bad_arguments_are_one_line(capsys, args, message):
+    code, err = run_aha(capsys, "distill", *args)
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.slow
+def test_help_and_the_generate_side_do_not_import_trl():
+    for command in (["distill"], ["distill", "generate"], ["distill", "sft"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "rl.cli", *command, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and "usage: aha distill" in done.stdout
+    code = "import sys, rl.distill.generate, rl.distill.teacher; print('trl' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+class FakeVLLMServer:
+    """The three endpoints ServerEngine calls (/health, /v1/models, /v1/completions), answering
+    each prompt's j-th sample with "<answer> 7...7 </answer>" (j+1 sevens, the first two
+    alike) and the end-of-sequence token: a teacher too big for this machine, in miniature."""
+
+    def __init__(self, tokenizer):
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        replies = [" <answer> 7 </answer>", " <answer>  7 </answer>", " <answer> 77 </answer>"]
+        ids = [
+            tokenizer.encode(r, add_special_tokens=False) + [tokenizer.eos_token_id]
+            for r in replies
+        ]
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, body):
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._reply(
+                    {"data": [{"id": "tiny-random"}]} if self.path == "/v1/models" else None
+                )
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(payload)
+                n = payload["n"]
+                choices = [
+                    {
+                        "index": i * n + j,
+                        "token_ids": ids[j % 3],
+                        "finish_reason": "stop",
+                        "logprobs": {"token_logprobs": [-0.5] * len(ids[j % 3])},
+                    }
+                    for i in range(len(payload["prompt"]))
+                    for j in range(n)
+                ]
+                self._reply({"choices": choices})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_teacher_on_a_server_is_sampled_frozen_with_no_model_loaded(tmp_path, tiny_tokenizer):
+    from rl.data import load_prompts
+    from rl.distill.generate import generate
+    from rl.distill.teacher import load_teacher
+
+    server = FakeVLLMServer(tiny_tokenizer)
+    try:
+        config = load_config(TINY, [DIGITS, "distill.max_prompts=2", "distill.samples=3"])
+        teacher = load_teacher(config, server.url)
+        assert teacher.on_server and teacher.model is None
+        assert (teacher.config.rollout.server_url, teacher.config.rollout.server_mode) == (
+            server.url,
+            "frozen",
+        )
+        summary = generate(config, server.url, tmp_path / "traces", progress=False)
+    finally:
+        server.close()
+    prompts = load_prompts("arithmetic", "train", tiny_tokenizer, config.data, [], 0, 2)
+    assert server.requests[0]["prompt"] == [p.ids for p in prompts]  # the RL prompt tokens
+    assert summary["traces"] == 6 and summary["passed"] == 6
+    assert summary["kept"] == 4 and summary["dropped"] == {"duplicate": 2}
+    rows = read_dataset(tmp_path / "traces").to_list()
+    assert [r["messages"][-1]["content"] for r in rows] == [
+        " <answer> 7 </answer>",
+        " <answer> 77 </answer>",
+    ] * 2
+    assert [r["rewards"] for r in rows] == [{DIGITS.split("'")[1]: v} for v in (1.0, 2.0, 1.0, 2.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+    reason="accelerate's launcher is not installed",
+)
+def test_accelerate_launch_one_and_two_processes_make_the_same_first_step(tmp_path):
+    """SFTTrainer under `accelerate launch`: 1 process, and 2 data-parallel CPU processes
+    (gloo; --multi_gpu as for `aha train`) with the same 4-sequence batch. Rank 0 alone writes."""
+    data = tmp_path / "traces"
+    write_dataset(sample_rows() * 2, {}, data)
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    first_losses = []
+    for processes in (1, 2):
+        run = tmp_path / f"run-{processes}"
+        command = [launcher, "launch", "--num_processes", str(processes), "--num_machines", "1"]
+        command += ["--multi_gpu"] if processes > 1 else []
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["--main_process_port", str(free_port()), "-m", "rl.cli", "distill", "sft"]
+        command += [TINY, f"data={data}", f"out={run}", "train.steps=2"]
+        command += ["train.micro_batch_size=1", "distill.batch_size=4", "--no-progress"]
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.stdout.count("Run folder:") == 1
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2]
+        rng = sorted(p.name for p in (run / "checkpoints" / "step-2").glob("rng_state*.pth"))
+        assert len(rng) == processes  # TRL's per-rank RNG state, for resume=
+        first_losses.append(metrics[0]["loss"])
+    # Each row's forward is the same (micro-batches of 1, no padding); only the order of the
+    # sum over the batch's ~60 reply tokens differs: float32, at most 60 * 2^-24 ~ 4e-6 relative.
+    assert first_losses[1] == pytest.approx(first_losses[0], rel=1e-5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
