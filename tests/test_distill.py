@@ -441,6 +441,15 @@ def test_missing_or_bad_arguments_are_one_line(capsys, args, message):
     assert code == 2 and err.count("\n") == 1 and message in err
 
 
+def test_generate_refuses_to_run_in_several_processes(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch / torchrun set it
+    code, err = run_aha(
+        capsys, "distill", "generate", TINY, "teacher=tiny-random", f"out={tmp_path / 'x'}"
+    )
+    assert code == 2 and err.count("\n") == 1 and "runs in one process" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_help_and_the_generate_side_do_not_import_trl():
     for command in (["distill"], ["distill", "generate"], ["distill", "sft"]):

@@ -9,12 +9,13 @@ of chat messages with the teacher's rewards beside them, and a summary.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rl.config import Config
+from rl.config import Config, ConfigError
 from rl.distill.traces import (
     DROP_REASONS,
     DistillError,
@@ -52,6 +53,11 @@ def generate(
 
     started = time.time()
     out = Path(out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "aha distill generate runs in one process (not under accelerate launch or torchrun); "
+            "a teacher too big for one device goes on a vLLM server: teacher=http://HOST:PORT"
+        )
     check_out_dir(out)  # before minutes of sampling, not after
     setup.quiet_transformers()
     seed_everything(config.train.seed)
