@@ -209,10 +209,10 @@ class TrackingConfig:
 
 @dataclass
 class DistillConfig:
-    # `aha distill generate` (docs/distillation.md): the teacher samples `samples` traces per
-    # prompt of data.dataset/data.split, the config's rewards grade each, and these keys decide
-    # which are kept.
-    samples: int = 4  # traces the teacher samples per prompt (`samples=K` on the command line)
+    # `aha distill generate` (docs/distillation.md): the teacher samples this many traces per
+    # prompt of data.dataset/data.split (`samples=K` on the command line), the config's rewards
+    # grade each, and the keys below decide which are kept.
+    samples: int = 4
     max_prompts: int = 0  # the split's first N prompts; 0 = all of them
     # The reward a trace must pass: "first" is the first reward alone (the correctness grader,
     # as `aha eval`'s accuracy), "total" the weighted sum of all of them.
@@ -223,13 +223,14 @@ class DistillConfig:
     # the "first" sampled.
     keep: Literal["all", "shortest", "first"] = "all"
     min_tokens: int = 1  # traces with fewer completion tokens are dropped
-    max_tokens: int = 0  # traces with more completion tokens are dropped; 0 = rollout.max_tokens
+    max_tokens: int = 0  # traces with more completion tokens are dropped; 0 = no limit
     # Keep traces cut at rollout.max_tokens (they never reached the end-of-sequence token): off,
     # so that the student learns to stop, as the teacher did.
     keep_truncated: bool = False
-    # `aha distill sft` takes steps, learning rate, schedule, AdamW, micro-batch, seed and
-    # checkpoints from train.*; only the batch differs from RL's (there is no generation batch).
-    batch_size: int = 16  # sequences per optimizer step, over all processes
+    # `aha distill sft`: sequences per optimizer step, over all processes (a multiple of
+    # train.micro_batch_size x processes). Its steps, learning rate, schedule, AdamW, seed and
+    # checkpoints are train.*'s; only the batch differs (SFT has no generation batch).
+    batch_size: int = 16
 
 
 @dataclass
