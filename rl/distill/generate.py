@@ -93,7 +93,7 @@ def generate(
         ) as bar:
             for start in range(0, len(prompts), per_call):
                 chunk = engine.generate(prompts[start : start + per_call], k, sampling)
-                score(chunk, rewards, timeout_s=config.algorithm.reward_timeout_s)
+                score(chunk, rewards)  # each reward with its own timeout
                 rollouts += chunk
                 passed += sum(
                     trace_score(x, rewards[0].name, distill.reward) >= distill.min_reward
