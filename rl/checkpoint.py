@@ -188,7 +188,7 @@ def save_checkpoint(
             work / "trainer_state.pt",
         )
         (work / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        _write_manifest(work)
+        write_manifest(work)
         if final.exists():  # re-saving a step after a resume
             shutil.rmtree(final)
         work.rename(final)
@@ -201,9 +201,10 @@ def save_checkpoint(
     return final
 
 
-def _write_manifest(work: Path) -> None:
+def write_manifest(work: Path) -> None:
     """Every file's size, flushed with the files themselves before the rename makes the
-    checkpoint visible: after a power cut a renamed folder holds data, not holes."""
+    checkpoint visible: after a power cut a renamed folder holds data, not holes. (Public: a
+    checkpoint written by other code, TRL's for `aha distill sft`, gets the same.)"""
     sizes = {}
     for path in sorted(p for p in work.rglob("*") if p.is_file()):
         with path.open("rb") as handle:

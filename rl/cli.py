@@ -25,7 +25,7 @@ how long the run goes on and what it writes (train.steps, train.save_every, data
 tracking.*, ...), recorded in config.yaml; any other key is refused. The run folder gets
 config.yaml (resolved), metrics.jsonl, samples.jsonl, summary.json and checkpoints/step-N/.
 """
-OVERRIDE_COMMANDS = ("train", "eval", "config")
+OVERRIDE_COMMANDS = ("train", "eval", "config", "distill")
 
 DISTILL_HELP = """\
 Distillation, R1's way (docs/distillation.md): a teacher's verified traces, then supervised
@@ -33,7 +33,7 @@ fine-tuning of a student on them.
 
   aha distill generate CONFIG teacher=MODEL_OR_RUN_DIR_OR_URL out=DIR [samples=K] [KEY=VALUE ...]
   aha distill sft CONFIG data=DIR student=MODEL out=RUN_DIR [KEY=VALUE ...]
-  aha distill sft CONFIG resume=RUN_DIR [train.steps=N]
+  aha distill sft resume=RUN_DIR [train.steps=N]
 
 Then RL from the student: aha train CONFIG model.name=RUN_DIR/checkpoints/step-N
 """
@@ -149,7 +149,10 @@ def _parser() -> argparse.ArgumentParser:
             name, help=short, description=text, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         sub.add_argument(
-            "config", metavar="CONFIG", help="YAML config file (overrides of the defaults)"
+            "config",
+            metavar="CONFIG",
+            nargs="?",
+            help="YAML config file (overrides of the defaults); sft resume=RUN_DIR needs none",
         )
         sub.add_argument(
             "overrides",
@@ -288,7 +291,16 @@ def _own_keys(
 def _distill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rl.config import ConfigError, load_config
 
-    if args.distill_command == "generate":
+    command = args.distill_command
+    if command is None:
+        parser.parse_args(["distill", "--help"])
+    resuming = any(o.startswith("resume=") for o in args.overrides)
+    if args.config is None and not (command == "sft" and resuming):
+        return _fail(
+            f"distill {command}: a CONFIG file comes first (aha distill {command} CONFIG "
+            "[KEY=VALUE ...]); only sft resume=RUN_DIR needs none"
+        )
+    if command == "generate":
         mine, overrides = _own_keys(
             args.overrides, ("teacher", "out"), {"samples": "distill.samples"}
         )
@@ -302,23 +314,14 @@ def _distill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         generate(config, mine["teacher"], mine["out"], progress=not args.no_progress)
         return 0
-    if args.distill_command == "sft":
-        mine, overrides = _own_keys(args.overrides, ("data", "student", "out", "resume"), {})
-        if mine.get("student"):
-            overrides.append(f"model.name={mine['student']}")
-        config = load_config(args.config, overrides)
-        from rl.distill.sft import run_sft
+    # sft: out= is run_dir=, student= is model.name= (a resume refuses both: the run's own)
+    mine, overrides = _own_keys(
+        args.overrides, ("data",), {"out": "run_dir", "student": "model.name"}
+    )
+    config = load_config(args.config, overrides)
+    from rl.distill.sft import run_sft
 
-        run_sft(
-            config,
-            mine.get("data"),
-            out=mine.get("out"),
-            resume=mine.get("resume"),
-            config_path=args.config,
-            progress=not args.no_progress,
-        )
-        return 0
-    parser.parse_args(["distill", "--help"])
+    run_sft(config, mine.get("data"), config_path=args.config, progress=not args.no_progress)
     return 0
 
 

@@ -71,6 +71,12 @@ def _train(
         print(f"Training on {dist.world_size} processes: {describe(dist)}", flush=True)
     folder = _shared_run_dir(config, config_path, dist, held)
     run_dir, checkpoint = folder.path, folder.checkpoint
+    if checkpoint is not None and not (checkpoint / "trainer_state.pt").is_file():
+        raise ConfigError(
+            f"resume: {checkpoint} holds no RL trainer state (an `aha distill sft` run); continue "
+            f"it with `aha distill sft resume={run_dir}`, or start RL from it with "
+            f"model.name={checkpoint}"
+        )
     if main:
         for note in folder.notes:
             print(note, flush=True)

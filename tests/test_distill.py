@@ -255,7 +255,7 @@ def test_sft_trains_only_the_reply_on_a_collated_batch(tmp_path, tiny_tokenizer)
     rows = sample_rows()
     write_dataset(rows, {}, data)
     config = load_config(TINY, ["data.response_prefix=<think>"])
-    trainer = build_trainer(config, data, tmp_path / "run", progress=False)
+    trainer = build_trainer(config, data, tmp_path / "run")
     examples = [trainer.train_dataset[i] for i in range(len(rows))]
     batch = trainer.data_collator(examples)
     prefix = tiny_tokenizer.encode("<think>", add_special_tokens=False)
@@ -312,6 +312,7 @@ def test_no_trace_kept_is_one_line_and_writes_nothing(tmp_path, capsys):
             "distill.keep",
         ),
         (["generate", TINY, "teacher=tiny-random", "out=/tmp/x", "samples=0"], "distill.samples"),
+        (["generate", "teacher=tiny-random", "out=/tmp/x"], "a CONFIG file comes first"),
         (["sft", TINY, "out=/tmp/x"], "data: name the traces"),
         (["sft", TINY, "data=/tmp/x"], "out: name the run folder"),
     ],

@@ -78,15 +78,23 @@ def test_generate_then_sft_then_rl_and_eval_on_the_student(tmp_path, capsys):
     assert 0.0 <= results["arithmetic"]["accuracy"] <= 1.0
     assert (run / "eval" / "step-2" / "summary-arithmetic.json").is_file()
 
-    # resume continues the SFT run (TRL's optimizer state); `aha train resume=` refuses it
-    code, err = run_aha(capsys, "distill", "sft", TINY, f"resume={run}", "train.steps=3")
+    # a whole checkpoint by rl/checkpoint.py's measure (its manifest), as aha eval required
+    from rl.checkpoint import checkpoint_problem
+
+    assert checkpoint_problem(checkpoint) is None and (checkpoint / "manifest.json").is_file()
+
+    # resume continues the SFT run (TRL's optimizer state); each command refuses the other's run
+    code, err = run_aha(capsys, "distill", "sft", f"resume={run}", "train.steps=3")
     assert code == 0, err
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     optimizer = torch.load(run / "checkpoints" / "step-3" / "optimizer.pt", weights_only=False)
     assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}
-    code, err = run_aha(capsys, "train", TINY, f"resume={run}")
+    code, err = run_aha(capsys, "train", f"resume={run}")
     assert code == 2 and err.count("\n") == 1 and "aha distill sft" in err
+    code, err = run_aha(capsys, "distill", "sft", f"resume={tmp_path / 'rl'}", f"data={traces}")
+    assert code == 2 and err.count("\n") == 1 and "written by `aha train`" in err
+    assert (tmp_path / "rl" / "checkpoints" / "step-2").is_dir()  # refused, and left as it was
 
 
 @pytest.mark.slow

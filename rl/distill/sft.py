@@ -26,6 +26,7 @@ summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rl.config import Config, ConfigError, load_config, save_config
+from rl.config import Config, ConfigError, save_config
 from rl.data import DataError, render_prompts
 
 STAGE = "sft"  # state.json's "stage": what wrote a checkpoint
@@ -135,14 +136,6 @@ def _append_json(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, default=str) + "\n")
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop the metrics of steps after the checkpoint a resume starts from: they are redone."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 def run_folder_callback(run_dir: Path, keep: int, state_extra: dict[str, Any]):
     """A TrainerCallback that makes TRL's output an aha run folder: each checkpoint-N, once
     TRL has written all of it, gets state.json and is renamed to checkpoints/step-N (complete or
@@ -150,7 +143,7 @@ def run_folder_callback(run_dir: Path, keep: int, state_extra: dict[str, Any]):
     metrics.jsonl."""
     from transformers import TrainerCallback
 
-    from rl.checkpoint import checkpoint_dirs
+    from rl.checkpoint import checkpoint_dirs, write_manifest
 
     class RunFolder(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -159,6 +152,7 @@ def run_folder_callback(run_dir: Path, keep: int, state_extra: dict[str, Any]):
                 written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 step = {"step": state.global_step, **state_extra}
                 (written / "state.json").write_text(json.dumps(step, indent=2))
+                write_manifest(written)  # last: what rl/checkpoint.py checks a checkpoint by
                 final = run_dir / "checkpoints" / f"step-{state.global_step}"
                 if final.exists():  # re-saving a step after a resume
                     shutil.rmtree(final)
@@ -181,8 +175,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def build_trainer(config: Config, data: str | Path, run_dir: Path, progress: bool = True):
-    """TRL's SFTTrainer for the student ``config.model`` on the traces in ``data``."""
+def build_trainer(config: Config, data: str | Path, run_dir: Path, args=None):
+    """TRL's SFTTrainer for the student ``config.model`` on the traces in ``data``; ``args``:
+    sft_arguments' (made here when not given)."""
     import datasets
     import torch
     from trl import SFTTrainer
@@ -194,8 +189,8 @@ def build_trainer(config: Config, data: str | Path, run_dir: Path, progress: boo
     quiet_transformers()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = sft_arguments(config, run_dir, world_size, progress)
+    if args is None:
+        args = sft_arguments(config, run_dir, int(os.environ.get("WORLD_SIZE", "1")), True)
     folder = resolve_model(config.model.name)
     tokenizer = load_tokenizer(folder)
     traces = read_dataset(data)
@@ -217,77 +212,99 @@ def build_trainer(config: Config, data: str | Path, run_dir: Path, progress: boo
 
 
 def run_sft(
-    config: Config,
-    data: str | None,
-    out: str | None = None,
-    resume: str | None = None,
-    config_path: str | None = None,
-    progress: bool = True,
+    config: Config, data: str | None, config_path: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Fine-tune ``config.model.name`` (the student) on ``data`` into the run folder ``out``,
-    or continue the SFT run ``resume`` from its last checkpoint (to ``train.steps``)."""
-    from rl.checkpoint import latest_checkpoint
-    from rl.run import make_run_dir
+    """Fine-tune ``config.model.name`` (the student) on ``data`` into the run folder
+    ``config.run_dir``, or, with ``config.resume`` (load_config made it the run's own config),
+    continue that SFT run from its newest intact checkpoint to ``train.steps``."""
+    import contextlib
 
     started = time.time()
-    main = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = None
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"resume: {run_dir} is not a run folder (no config.yaml)")
-        saved = load_config(run_dir / "config.yaml")
-        saved.train.steps = config.train.steps  # the one key a resume may change, as in RL
-        config = saved
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise ConfigError(f"resume: {run_dir} has no complete checkpoint to resume from")
-        if not (checkpoint / "trainer_state.json").is_file():
-            raise ConfigError(
-                f"resume: {checkpoint} was written by `aha train`, not `aha distill sft`; "
-                f"continue it with `aha train CONFIG resume={run_dir}`"
-            )
-        data = data or json.loads((checkpoint / "state.json").read_text()).get("data")
-    else:
-        if not data:
-            raise ConfigError("data: name the traces to learn from (data=DIR)")
-        if out is None:
-            raise ConfigError("out: name the run folder to write (out=RUN_DIR)")
-        config.run_dir, config.resume = out, None
-        run_dir = make_run_dir(config, config_path)  # every rank: the same folder, no race
-    if not data:
-        raise ConfigError(f"data: {checkpoint}/state.json names no traces; give data=DIR")
-    if main:
-        save_config(config, run_dir / "config.yaml")
+    resuming = bool(config.resume)
+    if not resuming and not data:
+        raise ConfigError("data: name the traces to learn from (data=DIR)")
+    if not resuming and not config.run_dir:
+        raise ConfigError("out: name the run folder to write (out=RUN_DIR)")
+    run_dir = Path(config.resume or config.run_dir)
+    # SFTConfig first: under a launcher it starts the process group the run folder's news needs
+    args = sft_arguments(config, run_dir, int(os.environ.get("WORLD_SIZE", "1")), progress)
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however it ends
+        folder = _open_run_folder(config, config_path, held)
+        checkpoint, main = folder.checkpoint, _rank() == 0
         if checkpoint is not None:
-            step = json.loads((checkpoint / "state.json").read_text())["step"]
-            _truncate_log(run_dir / "metrics.jsonl", step)
-            print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
-    trainer = build_trainer(config, data, run_dir, progress)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    summary = {
-        "stage": STAGE,
-        "student": config.model.name,
-        "data": str(data),
-        "examples": len(trainer.train_dataset),
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "seconds": round(time.time() - started, 1),
-    }
-    if main:
-        shutil.rmtree(run_dir / "checkpoints" / ".trl", ignore_errors=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _print_summary(summary, run_dir)
+            if not (checkpoint / "trainer_state.json").is_file():
+                raise ConfigError(
+                    f"resume: {checkpoint} was written by `aha train`, not `aha distill sft`; "
+                    f"continue it with `aha train resume={run_dir}`"
+                )
+            data = data or json.loads((checkpoint / "state.json").read_text()).get("data")
+            if not data:
+                raise ConfigError(f"data: {checkpoint}/state.json names no traces; give data=DIR")
+        if main:
+            for note in folder.notes:
+                print(note, flush=True)
+            save_config(dataclasses.replace(config, resume=None), run_dir / "config.yaml")
+            if checkpoint is not None:
+                print(f"Resuming {run_dir} from {checkpoint.name}", flush=True)
+        trainer = build_trainer(config, data, run_dir, args)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        summary = {
+            "stage": STAGE,
+            "student": config.model.name,
+            "data": str(data),
+            "examples": len(trainer.train_dataset),
+            "steps": result.global_step,
+            "train_loss": result.training_loss,
+            "seconds": round(time.time() - started, 1),
+        }
+        if main:
+            shutil.rmtree(run_dir / "checkpoints" / ".trl", ignore_errors=True)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _print_summary(summary, run_dir)
     return summary
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _open_run_folder(config: Config, config_path: str | None, held):
+    """Rank 0 makes the run folder ready and locks it until the run ends (rl/runfolder.py, as
+    for `aha train`: a fresh folder or one that holds no checkpoint; a resume from the newest
+    intact checkpoint, its logs cut back to it), and tells the others, or tells them its error."""
+    import torch.distributed as dist
+
+    from rl.checkpoint import RunFolderError
+    from rl.runfolder import RunFolder, open_run_folder
+
+    folder = None
+    news: tuple[str, str | None] | Exception | None = None
+    if _rank() == 0:
+        try:
+            folder = open_run_folder(config, config_path)
+            held.callback(folder.lock.release)
+            news = (str(folder.path), folder.checkpoint and str(folder.checkpoint))
+        except (ConfigError, RunFolderError) as error:
+            news = error
+    if dist.is_available() and dist.is_initialized():
+        box = [news]
+        dist.broadcast_object_list(box, src=0)
+        news = box[0]
+    if isinstance(news, Exception):
+        raise news
+    if folder is None:
+        path, checkpoint = news
+        folder = RunFolder(Path(path), checkpoint and Path(checkpoint))
+    return folder
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    losses = []
+    from rl.jsonl import read_jsonl
+
     metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        losses = [
-            json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()
-        ]
+    losses = [r["loss"] for r in read_jsonl(metrics) if "loss" in r] if metrics.exists() else []
     lines = [
         f"Run folder: {run_dir}",
         f"Steps: {summary['steps']} on {summary['examples']} traces in "
