@@ -248,7 +248,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     unknown = [token for token in extra if not _is_override(token)]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     config = getattr(args, "config", None)
     if config is not None and _is_override(config) and not Path(config).exists():
         args.config, args.overrides = None, [config, *args.overrides]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch  # noqa: F401  (before any test captures stderr: see run_aha)
 from conftest import FIXTURES, ROOT
 
 from rl.cli import main
@@ -278,6 +279,9 @@ def test_sft_trains_only_the_reply_on_a_collated_batch(tmp_path, tiny_tokenizer)
 
 
 def run_aha(capsys, *args) -> tuple[int, str]:
+    """`aha ARGS` in this process: its exit code and stderr. (torch is imported with the module:
+    imported first under capsys, its log handlers would keep the capture's closed stream and
+    print "Logging error" tracebacks into later tests' stderr.)"""
     code = main([*args, "--no-progress"])
     return code, capsys.readouterr().err
 
@@ -333,6 +337,10 @@ def test_generate_refuses_to_run_in_several_processes(capsys, monkeypatch, tmp_p
 
 @pytest.mark.slow
 def test_help_and_the_generate_side_do_not_import_trl():
+    bare = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "distill"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bare.returncode == 0 and "usage: aha distill" in bare.stdout, bare.stderr
     for command in (["distill"], ["distill", "generate"], ["distill", "sft"]):
         done = subprocess.run(
             [sys.executable, "-m", "rl.cli", *command, "--help"],
