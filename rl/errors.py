@@ -8,6 +8,7 @@ from rl.data import DataError
 from rl.jsonl import JsonlError
 from rl.models import ModelNotFoundError
 from rl.scoring import RewardError
+from rl.trainer import NonFiniteUpdateError
 
 USER_ERRORS = (
     ConfigError,
@@ -17,4 +18,5 @@ USER_ERRORS = (
     RewardError,
     RunFolderError,
     JsonlError,
+    NonFiniteUpdateError,
 )

@@ -158,12 +158,17 @@ class ServerEngine:
                 "evaluate a fixed model but not sample for training; use nccl or reload"
             )
         # Data-parallel training (accelerate launch): every rank holds the same weights and
-        # samples from the one server, so rank 0 pushes and the others wait for it.
+        # samples from the one server, so rank 0 pushes and the others wait for it. The others
+        # still draw every tensor: under FSDP2 and ZeRO-3 each is gathered from all ranks as it
+        # is drawn, in step with rank 0's push.
         if int(os.environ.get("RANK", "0")) == 0:
             if self.mode == "reload":
                 self._reload_from_disk(weights)
             else:
                 self._broadcast(weights)
+        else:
+            for _ in named_tensors:
+                pass
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         self.policy_version = version

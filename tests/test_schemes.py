@@ -1,0 +1,221 @@
+"""The schemes the ranks share the model by (rl/schemes.py), what the step asks of them, the
+streamed weight sync, and the update's metrics read once per optimizer step."""
+
+import itertools
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT
+
+from rl.config import load_config
+from rl.distributed import Distributed, describe
+from rl.metrics import Metrics
+from rl.schemes import DataParallel, choose
+from rl.sharded import FSDP2
+from rl.trainer import sync_engine
+from rl.zero import DeepSpeedZeRO
+
+# ------------------------------------------------------------------ choosing
+
+
+@pytest.mark.parametrize(
+    ("dist", "kind", "name", "partitioned", "chunk_tokens"),
+    [
+        (Distributed(), DataParallel, "data parallel", False, 5),
+        (Distributed(world_size=2), DataParallel, "data parallel", False, 5),
+        (Distributed(world_size=2, accelerator=object()), FSDP2, "FSDP2", True, 5),
+        (Distributed(world_size=2, zero_stage=2), DeepSpeedZeRO, "DeepSpeed ZeRO-2", False, 5),
+        # ZeRO-3 gathers the output layer at each call: all logits at once
+        (Distributed(world_size=2, zero_stage=3), DeepSpeedZeRO, "DeepSpeed ZeRO-3", True, 0),
+    ],
+)
+def test_one_scheme_per_set_up(dist, kind, name, partitioned, chunk_tokens):
+    scheme = choose(dist)
+    assert type(scheme) is kind and scheme.name == name == describe(dist)
+    assert scheme.partitioned_weights is partitioned
+    assert scheme.logps_chunk_tokens(5) == chunk_tokens
+
+
+class Recording(DataParallel):
+    """One process's scheme, recording what the step asks of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def zero_grad(self, optimizer):
+        self.calls.append("zero_grad")
+        super().zero_grad(optimizer)
+
+    def before_forward(self):
+        self.calls.append("before_forward")
+
+    def backward(self, loss, last, discard):
+        self.calls.append(("backward", last, discard))
+        super().backward(loss, last, discard)
+
+    def clip_and_step(self, optimizer, parameters, max_norm, discard):
+        self.calls.append(("clip_and_step", discard))
+        update = super().clip_and_step(optimizer, parameters, max_norm, discard)
+        self.calls.append(("applied", update.applied))
+        return update
+
+
+def test_the_step_asks_its_scheme(tiny_overrides):
+    """An optimizer step of two micro-batches (tiny.yaml: 8 sequences, 4 per micro-batch), in
+    the scheme's words; the gradients are gone once it has stepped."""
+    from rl import setup
+    from rl.batch import collate
+    from rl.data import batches
+    from rl.trainer import assign_advantages, collect_rollouts, policy_update
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides)
+    parts = setup.build(config)
+    trainer = parts.trainer
+    trainer.scheme = Recording()
+    prompts = next(batches(parts.train_prompts, config.train.prompts_per_step, config.train.seed))
+    rollouts, _, _ = collect_rollouts(trainer, prompts, None, {})
+    assign_advantages(rollouts, config.rollout.group_size, config.algorithm)
+    policy_update(trainer, collate(rollouts, trainer.tokenizer.pad_token_id))
+    assert trainer.scheme.calls == [
+        "zero_grad",
+        "before_forward",
+        ("backward", False, False),
+        "before_forward",
+        ("backward", True, False),
+        ("clip_and_step", False),
+        ("applied", True),
+    ]
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+# ------------------------------------------------------------------ streamed weight sync
+
+
+def counted(items):
+    """``items`` as a stream that counts how many were drawn."""
+    box = {"drawn": 0}
+
+    def stream():
+        for item in items:
+            box["drawn"] += 1
+            yield item
+
+    return stream(), box
+
+
+class PartialEngine:
+    def __init__(self, take: int):
+        self.take, self.taken, self.policy_version = take, [], 0
+
+    def update_weights(self, named_tensors, version):
+        self.taken = [name for name, _ in itertools.islice(named_tensors, self.take)]
+        self.policy_version = version
+
+
+class StreamScheme(DataParallel):
+    """Whole weights as a counted stream (under FSDP2 each one a gather every rank joins)."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = names
+        self.box = None
+
+    def whole_weights(self, model, trainable_only=False):
+        stream, self.box = counted([(n, torch.zeros(1)) for n in self.names])
+        return stream
+
+
+@pytest.mark.parametrize("take", [0, 1, 3])
+def test_sync_draws_every_tensor_whatever_the_engine_takes(take):
+    names = ["a", "b", "c"]
+    engine, scheme = PartialEngine(take), StreamScheme(names)
+    trainer = SimpleNamespace(engine_model=None, scheme=scheme, model=None, engine=engine, step=4)
+    sync_engine(trainer)
+    assert engine.taken == names[:take] and engine.policy_version == 4
+    assert scheme.box["drawn"] == len(names)
+
+
+def test_server_push_every_rank_draws_every_tensor(monkeypatch):
+    """Ranks other than 0 push nothing to a shared server, but still draw each tensor: under
+    FSDP2 and ZeRO-3 each is a gather rank 0's push needs them in."""
+    from rollouts.server import ServerEngine
+
+    engine = object.__new__(ServerEngine)
+    engine.mode, engine.tie_word_embeddings, engine.lora_scaling = "reload", False, None
+    engine.policy_version = 0
+    monkeypatch.setenv("RANK", "1")
+    stream, box = counted([("a", torch.zeros(1)), ("b", torch.zeros(1))])
+    engine.update_weights(stream, version=2)
+    assert box["drawn"] == 2 and engine.policy_version == 2
+
+
+# ------------------------------------------------------------------ metrics read once
+
+
+class EagerMetrics(Metrics):
+    """The update's metrics as they were read before: each value as it comes."""
+
+    def add(self, name, value, weight):
+        super().add(name, value, weight)
+        self.flush()
+
+
+def test_deferred_metrics_add_up_exactly_as_eager_ones():
+    """Random float32 tensors, Python floats and weights, in the trainer's pattern of names.
+    Exact: each float32 value becomes the same float64 either way, added in the same order."""
+    generator = random.Random(0)
+    for _ in range(20):
+        deferred, eager = Metrics(), EagerMetrics()
+        for _ in range(generator.randint(1, 4)):  # optimizer steps
+            for _ in range(generator.randint(1, 5)):  # micro-batches
+                weight = generator.random()
+                for name in ("entropy", "clip_ratio/low", "ratio/min", "ratio/max", "kl"):
+                    value = torch.tensor(generator.gauss(0, 3), dtype=torch.float32)
+                    deferred.add(name, value, weight)
+                    eager.add(name, value, weight)
+            for name in ("loss", "grad_norm"):
+                value = generator.gauss(0, 1)
+                deferred.add(name, value, 1.0)
+                eager.add(name, value, 1.0)
+            deferred.flush()
+        assert deferred.result() == eager.result()
+
+
+def test_a_tiny_update_logs_the_same_metrics_read_once(tiny_overrides, monkeypatch):
+    """Two identical fixed-seed tiny steps, one reading each metric at once (the code before),
+    one once per optimizer step: the same metrics to the bit (one thread: the same arithmetic
+    in both runs, so no tolerance is needed, and none is given)."""
+    from rl import setup, trainer
+    from rl.data import batches
+
+    def one_step():
+        config = load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [
+                *tiny_overrides,
+                "train.mini_batch_size=4",
+                "algorithm.epochs=2",
+                "algorithm.beta=0.1",
+            ],
+        )
+        parts = setup.build(config)
+        prompts = next(
+            batches(parts.train_prompts, config.train.prompts_per_step, config.train.seed)
+        )
+        metrics = trainer.train_step(parts.trainer, prompts)
+        return {k: v for k, v in metrics.items() if not k.startswith("timing_s/")}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        deferred = one_step()
+        monkeypatch.setattr(trainer, "Metrics", EagerMetrics)
+        eager = one_step()
+    finally:
+        torch.set_num_threads(threads)
+    assert deferred == eager
+    assert math.isfinite(deferred["loss"]) and deferred["optimizer_steps"] == 4
