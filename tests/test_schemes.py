@@ -139,6 +139,37 @@ def test_sync_draws_every_tensor_whatever_the_engine_takes(take):
     assert scheme.box["drawn"] == len(names)
 
 
+def test_vllm_push_merges_each_layer_as_soon_as_it_is_drawn():
+    """Each tensor is handed on as soon as what it is made of has been drawn: a merged LoRA
+    weight right after its B matrix, the tied output layer right after the embedding table;
+    so the push holds one layer's tensors at most."""
+    from rl.config import LoraConfig
+    from rl.models import load_policy, resolve_model
+    from rollouts.vllm_engine import PEFT_PREFIX, vllm_named_tensors
+
+    lora = LoraConfig(enabled=True, r=4, alpha=8)
+    model = load_policy(resolve_model("tiny-random"), "float32", lora)
+    source = list(model.named_parameters())
+    position = {name.removeprefix(PEFT_PREFIX): i for i, (name, _) in enumerate(source)}
+    stream, box = counted(source)
+    pushed = 0
+    for name, _ in vllm_named_tensors(stream, True, lora_scaling=lora.alpha / lora.r):
+        pushed += 1
+        if name == "lm_head.weight":
+            needed = [position["model.embed_tokens.weight"]]
+        elif name in position:
+            needed = [position[name]]
+        else:  # merged: <module>.weight from base_layer, lora_A, lora_B
+            module = name.removesuffix(".weight")
+            needed = [
+                position[f"{module}.base_layer.weight"],
+                position[f"{module}.lora_A.default.weight"],
+                position[f"{module}.lora_B.default.weight"],
+            ]
+        assert box["drawn"] == max(needed) + 1, name
+    assert box["drawn"] == len(source) and pushed > 0
+
+
 def test_server_push_every_rank_draws_every_tensor(monkeypatch):
     """Ranks other than 0 push nothing to a shared server, but still draw each tensor: under
     FSDP2 and ZeRO-3 each is a gather rank 0's push needs them in."""
@@ -151,6 +182,14 @@ def test_server_push_every_rank_draws_every_tensor(monkeypatch):
     stream, box = counted([("a", torch.zeros(1)), ("b", torch.zeros(1))])
     engine.update_weights(stream, version=2)
     assert box["drawn"] == 2 and engine.policy_version == 2
+
+
+def test_the_nccl_push_goes_in_buckets():
+    from rollouts.server import buckets
+
+    weights = [(f"w{i}", torch.zeros(n)) for i, n in enumerate([2, 2, 5, 1, 1])]
+    sizes = [[len(t) for _, t in bucket] for bucket in buckets(iter(weights), 4 * 4)]
+    assert sizes == [[2, 2], [5], [1, 1]]  # 16 bytes each; a bigger tensor alone
 
 
 # ------------------------------------------------------------------ metrics read once
