@@ -5,7 +5,8 @@ FSDP2 (an accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 
 data-parallel scheme (global loss normalisers, gradients summed) but shards the policy, its
 gradients and the optimizer state across the ranks: accelerate applies torch's ``fully_shard``
 (``prepare``), the reduce-scatter after each backward sums the ranks' gradients (its divide
-factor is set to 1: each rank's loss is already its share), and whole weights exist only where they are needed: gathered
+factor is set to 1: each rank's loss is already its share), in float32 whatever the
+mixed-precision policy computes in, and whole weights exist only where they are needed: gathered
 one parameter at a time for the rollout engine after each step (``whole_weights``) and for
 checkpoints, which rank 0 writes as an ordinary Hugging Face folder (``full_state_dict``,
 ``full_optimizer_state``). accelerate turns FSDP on for GPUs only; on CPUs (gloo) aha sets its
@@ -16,6 +17,7 @@ DeepSpeed ZeRO-2/3 is in ``rl/zero.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable
@@ -87,7 +89,7 @@ class FSDP2(DataParallel):
         swapped for the policy's shards. The optimizer stays the plain torch one (accelerate's
         wrapper adds nothing aha uses), so the LR scheduler built on it keeps working. The
         reduce-scatter after each backward sums the ranks' gradients instead of averaging them
-        (each rank's loss is its share of the global loss)."""
+        (each rank's loss is its share of the global loss), in float32."""
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
         from torch.distributed.fsdp import FSDPModule
 
@@ -95,6 +97,8 @@ class FSDP2(DataParallel):
         # models' own forwards return views (logits_to_keep): the warning would only be noise.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         accelerator = self.dist.accelerator
+        plugin = accelerator.state.fsdp_plugin
+        plugin.mixed_precision_policy = reduce_in_float32(plugin.mixed_precision_policy)
         model, _ = accelerator.prepare(model, optimizer)
         for module in model.modules():
             if isinstance(module, FSDPModule):
@@ -150,6 +154,17 @@ class FSDP2(DataParallel):
         set_optimizer_state_dict(
             model, optimizer, state, options=StateDictOptions(full_state_dict=True)
         )
+
+
+def reduce_in_float32(policy):
+    """accelerate's FSDP2 mixed-precision policy with the gradients reduced in float32.
+    accelerate sets ``reduce_dtype`` to the mixed-precision dtype (bf16 with
+    ``mixed_precision: bf16``): the ranks' gradients would then be summed in bf16, 8 bits of
+    mantissa, each sum losing what the shares' float32 gradients held. None (no mixed precision:
+    everything float32) stays None."""
+    if policy is None or policy.reduce_dtype in (None, torch.float32):
+        return policy
+    return dataclasses.replace(policy, reduce_dtype=torch.float32)
 
 
 def _names_of(model: torch.nn.Module, parameters: Iterable[torch.Tensor]) -> list[str]:

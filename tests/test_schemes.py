@@ -3,18 +3,21 @@ streamed weight sync, and the update's metrics read once per optimizer step."""
 
 import itertools
 import math
+import os
 import random
+import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import ROOT
 
 from rl.config import load_config
 from rl.distributed import Distributed, describe
 from rl.metrics import Metrics
 from rl.schemes import DataParallel, choose
-from rl.sharded import FSDP2
+from rl.sharded import FSDP2, reduce_in_float32
 from rl.trainer import sync_engine
 from rl.zero import DeepSpeedZeRO
 
@@ -90,6 +93,85 @@ def test_the_step_asks_its_scheme(tiny_overrides):
         ("applied", True),
     ]
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+# ------------------------------------------------------------------ FSDP2's gradient sum
+
+
+def test_fsdp2_mixed_precision_reduces_in_float32():
+    """accelerate's plugin, as ``mixed_precision: bf16`` sets it, computes in bf16 and sums the
+    ranks' gradients in bf16; aha keeps the bf16 compute and sums in float32."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16  # accelerate's choice
+    policy = reduce_in_float32(plugin.mixed_precision_policy)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert reduce_in_float32(None) is None  # no mixed precision: float32 throughout
+    assert reduce_in_float32(policy) is policy
+
+
+def test_fsdp2_prepare_sets_the_policy_before_sharding():
+    """On CPUs accelerate refuses FSDP's mixed precision, so the set-up is stubbed: the policy
+    accelerate shards with is the float32-reducing one."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    seen = []
+
+    class Accelerator:
+        state = SimpleNamespace(fsdp_plugin=plugin)
+
+        def prepare(self, model, optimizer):
+            seen.append(self.state.fsdp_plugin.mixed_precision_policy)
+            return model, optimizer
+
+    model = torch.nn.Linear(2, 2)
+    FSDP2(Distributed(world_size=2, accelerator=Accelerator())).prepare(
+        model, torch.optim.AdamW(model.parameters())
+    )
+    assert seen[0].param_dtype == torch.bfloat16 and seen[0].reduce_dtype == torch.float32
+
+
+def _sum_worker(rank, port, reduce_dtype, out):
+    """grad = x on each rank: rank 0's 1, rank 1's 3 * 2^-10, summed by fully_shard's
+    reduce-scatter as aha sets it up (a plain sum)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = torch.nn.Linear(1, 2, bias=False)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
+        fully_shard(model, mp_policy=policy)
+        model.set_gradient_divide_factor(1.0)
+        model.set_force_sum_reduction_for_comms(True)
+        x = torch.tensor([[1.0 if rank == 0 else 3 * 2**-10]])
+        model(x).sum().backward()
+        grad = model.weight.grad.full_tensor()
+        if rank == 0:
+            torch.save(grad, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("reduce_dtype", "expected"),
+    [
+        # 1 + 3 * 2^-10 needs 11 significant bits; bf16 has 8 (spacing 2^-7 at 1): it is 1
+        (torch.bfloat16, 1.0),
+        (torch.float32, 1 + 3 * 2**-10),  # exact: what aha's policy gives
+    ],
+)
+def test_fsdp2_sums_in_the_reduce_dtype(tmp_path, reduce_dtype, expected):
+    out = tmp_path / "grad.pt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sum_worker, args=(port, reduce_dtype, out), nprocs=2, join=True)
+    assert torch.load(out).flatten().tolist() == [expected, expected]
 
 
 # ------------------------------------------------------------------ streamed weight sync
