@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from rl import algorithms
-from rl.batch import TokenBatch, collate, completion_logps, forward_tokens, logps_in_chunks
+from rl.batch import (
+    TokenBatch,
+    collate,
+    completion_logps,
+    forward_tokens,
+    logps_in_chunks,
+    on_device,
+)
 from rl.config import Config
 from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics
 from rl.metrics import Metrics
@@ -323,7 +330,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
     micro_size = config.train.micro_batch_size
     for start in range(0, len(batch), micro_size):
         micro = batch.select(order[start : start + micro_size])
-        mask = micro.completion_mask.to(device)
+        mask = on_device(micro.completion_mask, device)
         # this micro-batch's share of tokens, from the host's mask (no wait for the device)
         weight = float(micro.completion_mask.sum()) / max(num_tokens, 1)
         scheme.before_forward()
@@ -336,10 +343,12 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
                 chunk_tokens(trainer),
                 config.train.share_prompts,
             )
-        old_logps = logps.detach() if micro.old_logps is None else micro.old_logps.to(device)
+        old_logps = (
+            logps.detach() if micro.old_logps is None else on_device(micro.old_logps, device)
+        )
         sampler_weights, sampler_stats = None, {}
         if micro.sampler_logps is not None:
-            sampler_logps = micro.sampler_logps.to(device)
+            sampler_logps = on_device(micro.sampler_logps, device)
             # the engine/trainer gap, on the same weights: the sampler's against the old ones
             gap = (old_logps - sampler_logps).abs()
             metrics.add("sampling/logp_gap", algorithms.masked_mean(gap, mask), weight)
@@ -354,7 +363,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
         loss, stats = algorithms.objective(
             logps,
             old_logps,
-            micro.advantages.to(device),
+            on_device(micro.advantages, device),
             mask,
             policy_loss=algorithm.policy_loss,
             aggregation=algorithm.loss_aggregation,
@@ -366,7 +375,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
             clip_ratio_c=algorithm.clip_ratio_c,
             sampler_weights=sampler_weights,
             beta=algorithm.beta,
-            ref_logps=None if micro.ref_logps is None else micro.ref_logps.to(device),
+            ref_logps=None if micro.ref_logps is None else on_device(micro.ref_logps, device),
             kl_estimator=algorithm.kl_estimator,
         )
         losses.append(loss.detach())
