@@ -55,6 +55,16 @@ class TokenBatch:
         )
 
 
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU it goes from pinned memory without waiting: torch's
+    plain copy from pageable memory synchronises the stream, so each input of a micro-batch
+    would wait for the previous micro-batch's backward to finish before the host could queue
+    the next forward. (The pinned block is not reused before its copy has run.)"""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _rows(values: torch.Tensor | None, rows: torch.Tensor, width: int) -> torch.Tensor | None:
     return None if values is None else values[rows, :width]
 
@@ -119,8 +129,8 @@ def completion_logps(
     returns logps [B, T] and entropy [B, T] (or None)
     """
     device = next(model.parameters()).device
-    input_ids = batch.input_ids.to(device)
-    attention_mask = batch.attention_mask.to(device)
+    input_ids = on_device(batch.input_ids, device)
+    attention_mask = on_device(batch.attention_mask, device)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     width = batch.completion_width
     targets = input_ids[:, -width:]  # [B, T]
@@ -145,10 +155,11 @@ def completion_logps(
             hidden = _shared_prompt_forward(model, batch, input_ids, attention_mask, *shared)
         else:
             hidden = model(**inputs).logits[:, :-1, :]  # [B, T, H]: the output layer's input
-    real = attention_mask[:, -width:].bool()  # [B, T] completion tokens, not padding
-    hidden, flat_targets = hidden[real], targets[real]  # [N, H], [N]
-    logps = torch.zeros(targets.shape, dtype=torch.float32, device=device)
-    entropy = torch.zeros_like(logps) if with_entropy else None
+    # The completion tokens (not padding), as flat positions in [B, T] taken from the host's
+    # mask: indexing with the device's boolean mask would wait for the device to count them.
+    real = on_device(batch.attention_mask[:, -width:].reshape(-1).nonzero().squeeze(1), device)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, real)  # [N, H]
+    flat_targets = targets.reshape(-1).index_select(0, real)  # [N]
     parts, entropies = [], []
     # One chunk holds its logits for backward (no bigger than a chunk's own peak); with several,
     # each keeps only its [n, H] input and recomputes its [n, V] logits in backward.
@@ -163,11 +174,17 @@ def completion_logps(
             part, ent = _chunk_logps(output_layer, h, t, temperature, with_entropy)
         parts.append(part)
         entropies.append(ent)
+    return _scattered(parts, real, targets.shape, device), (
+        _scattered(entropies, real, targets.shape, device) if with_entropy else None
+    )
+
+
+def _scattered(parts: list[torch.Tensor], positions: torch.Tensor, shape, device) -> torch.Tensor:
+    """The chunks' values [N] at their flat positions of a zero [B, T] tensor (float32)."""
+    flat = torch.zeros(shape.numel(), dtype=torch.float32, device=device)
     if parts:
-        logps = logps.masked_scatter(real, torch.cat(parts))
-        if entropy is not None:
-            entropy = entropy.masked_scatter(real, torch.cat(entropies))
-    return logps, entropy
+        flat = flat.index_copy(0, positions, torch.cat(parts))
+    return flat.view(shape)
 
 
 def _shared_prompts(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -213,7 +230,7 @@ def _shared_prompt_forward(
     from transformers import DynamicCache
 
     width, device = batch.prompt_width, input_ids.device
-    first_rows, inverse = first_rows.to(device), inverse.to(device)
+    first_rows, inverse = on_device(first_rows, device), on_device(inverse, device)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     # One embedding lookup for both calls: its backward writes a [V, H] gradient of the whole
     # table (zeroed, filled, then added to the output layer's when they are tied), once not
@@ -346,12 +363,13 @@ def logps_in_chunks(
     """``completion_logps`` of the whole batch without grad, ``chunk_size`` sequences at a time
     (each chunk trimmed to its own width); for old and reference log-probs.
 
-    returns logps [B, T] (on the CPU, 0 beyond each chunk's width)
+    returns logps [B, T] (on the CPU, 0 beyond each chunk's width; copied from the device once)
     """
-    out = torch.zeros(len(batch), batch.completion_width)
+    device = next(model.parameters()).device
+    out = torch.zeros(len(batch), batch.completion_width, device=device)
     for start in range(0, len(batch), chunk_size):
         rows = list(range(start, min(start + chunk_size, len(batch))))
         micro = batch.select(rows)
         logps = completion_logps(model, micro, temperature, False, chunk_tokens, share_prompts)[0]
-        out[start : start + len(rows), : logps.shape[1]] = logps.float().cpu()
-    return out
+        out[start : start + len(rows), : logps.shape[1]] = logps.float()
+    return out.cpu()

@@ -191,6 +191,10 @@ class TrainConfig:
     # Forward passes under bf16 autocast, float32 weights and optimizer (GPUs only: CPUs without
     # bf16 units run it slower); null: on when there is a GPU, resolved when the config loads.
     bf16_autocast: bool | None = None
+    # An optimizer step whose loss or gradient norm is not finite (inf or NaN) is skipped: the
+    # weights and the optimizer state stay as they were. This many skipped in a row stop the
+    # run with an error, before any checkpoint of that step; 0 = never stop.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -558,6 +562,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"train.logps_chunk_tokens: must be 0 (off) or positive, got "
             f"{config.train.logps_chunk_tokens}"
+        )
+    if config.train.max_nonfinite_steps < 0:
+        raise ConfigError(
+            f"train.max_nonfinite_steps: must be 0 (never stop) or positive, got "
+            f"{config.train.max_nonfinite_steps}"
         )
     if config.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be > 0, got {config.train.learning_rate}")

@@ -9,7 +9,8 @@ then gives exactly the one-process gradient; aha does that sum itself, one all-r
 optimizer step after the micro-batches, instead of wrapping the model in DDP, so any forward
 (chunked log-probs, LoRA's disabled adapters for the reference) needs no wrapper's hooks.
 
-FSDP2 and DeepSpeed ZeRO-2/3, which shard the model, live in ``rl/sharded.py``.
+``rl/schemes.py`` holds the step's side of each scheme (this one: ``DataParallel``); FSDP2 and
+DeepSpeed ZeRO-2/3, which shard the model, live in ``rl/sharded.py`` and ``rl/zero.py``.
 
 With one process (``WORLD_SIZE`` unset or 1) every function here returns at once without any
 distributed call.
@@ -51,32 +52,12 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def sharded(self) -> bool:
-        """FSDP2: parameters, gradients and optimizer state are split across the ranks."""
-        return self.accelerator is not None and not self.deepspeed
-
-    @property
-    def deepspeed(self) -> bool:
-        """DeepSpeed ZeRO: its engine reduces the gradients and steps the optimizer."""
-        return self.zero_stage > 0
-
-    @property
-    def partitioned_weights(self) -> bool:
-        """No rank holds whole weights (FSDP2, ZeRO-3): they are gathered when needed."""
-        return self.sharded or self.zero_stage == 3
-
-    @property
-    def ds_engine(self):
-        """DeepSpeed: the engine of the latest ``prepare`` (accelerate keeps it)."""
-        return self.accelerator.deepspeed_engine_wrapped.engine
-
 
 def describe(dist: Distributed) -> str:
-    """How the processes share the model, for the start-up line."""
-    if dist.deepspeed:
-        return f"DeepSpeed ZeRO-{dist.zero_stage}"
-    return "FSDP2" if dist.sharded else "data parallel"
+    """How the processes share the model, for the start-up line: the scheme's name."""
+    from rl.schemes import choose
+
+    return choose(dist).name
 
 
 def _env_flag(name: str) -> bool:
@@ -92,18 +73,18 @@ def init() -> Distributed:
         return Distributed()
     from accelerate import PartialState
 
-    from rl import sharded
+    from rl import sharded, zero
 
     use_deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
     # its errors before any process group
-    plugin = sharded.deepspeed_plugin() if use_deepspeed else None
+    plugin = zero.deepspeed_plugin() if use_deepspeed else None
 
     cpu = not torch.cuda.is_available() or _env_flag("ACCELERATE_USE_CPU")
     # gloo on CPUs, nccl on GPUs (DeepSpeed's process group there); sets the CUDA device per rank
     state = PartialState(cpu=cpu)
     accelerator, zero_stage = None, 0
     if plugin is not None:
-        accelerator, zero_stage = sharded.deepspeed_accelerator(cpu, plugin), plugin.zero_stage
+        accelerator, zero_stage = zero.deepspeed_accelerator(cpu, plugin), plugin.zero_stage
     elif _env_flag("ACCELERATE_USE_FSDP"):
         accelerator = sharded.fsdp2_accelerator(cpu)
     return Distributed(

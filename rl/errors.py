@@ -9,6 +9,7 @@ from rl.distill.traces import DistillError
 from rl.jsonl import JsonlError
 from rl.models import ModelNotFoundError
 from rl.scoring import RewardError
+from rl.trainer import NonFiniteUpdateError
 
 USER_ERRORS = (
     ConfigError,
@@ -19,4 +20,5 @@ USER_ERRORS = (
     RewardError,
     RunFolderError,
     JsonlError,
+    NonFiniteUpdateError,
 )

@@ -59,8 +59,7 @@ def _train(
     from rl.data import batches
     from rl.distributed import barrier, check_world, describe, shard
     from rl.perf import reset_peak_memory, step_perf
-    from rl.sharded import load_optimizer_state
-    from rl.trainer import sync_engine, train_step
+    from rl.trainer import check_nonfinite_steps, sync_engine, train_step
 
     started = time.time()
     # A resume's config is the run's own, with only the keys a resume may change (load_config
@@ -91,7 +90,7 @@ def _train(
     eval_before = eval_after = None
     if checkpoint is not None:
         state, payload = load_trainer_state(checkpoint)
-        load_optimizer_state(dist, trainer.model, trainer.optimizer, payload["optimizer"])
+        trainer.scheme.load_optimizer_state(trainer.model, trainer.optimizer, payload["optimizer"])
         trainer.scheduler.load_state_dict(payload["scheduler"])
         _restore_rng(payload, dist, config.train.seed)
         trainer.step = state["step"]
@@ -128,6 +127,7 @@ def _train(
         metrics.update(step_perf(metrics, trainer.model, dist.world_size))
         if main:
             _log_step(trainer, metrics, run_dir, tracker)
+        check_nonfinite_steps(trainer, run_dir)  # before a checkpoint: the last good one stays
         last = trainer.step == config.train.steps
         if last or (config.train.save_every and trainer.step % config.train.save_every == 0):
             save_step(trainer, run_dir, dist, extra, config.train.keep_checkpoints)
@@ -177,11 +177,10 @@ def save_step(trainer, run_dir: Path, dist, extra: dict[str, Any], keep: int) ->
     RNG state; rank 0 alone writes."""
     from rl.checkpoint import rng_state, save_checkpoint
     from rl.distributed import barrier, gather_objects
-    from rl.sharded import full_optimizer_state, full_state_dict
 
     rng_ranks = gather_objects(dist, rng_state()) if dist.enabled else None
-    weights = full_state_dict(dist, trainer.model)
-    optimizer_state = full_optimizer_state(dist, trainer.model, trainer.optimizer)
+    weights = trainer.scheme.full_state_dict(trainer.model)
+    optimizer_state = trainer.scheme.full_optimizer_state(trainer.model, trainer.optimizer)
     if dist.is_main:
         save_checkpoint(
             run_dir,

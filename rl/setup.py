@@ -14,8 +14,8 @@ from rl.data import load_prompts, required_columns
 from rl.distributed import Distributed, broadcast_parameters
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.perf import keep_freed_memory
+from rl.schemes import choose
 from rl.scoring import WeightedReward
-from rl.sharded import prepare
 from rl.trainer import Trainer, seed_everything
 from rollouts.base import SamplingSettings
 from rollouts.record import Prompt
@@ -234,13 +234,13 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         weight_decay=config.train.weight_decay,
         fused=True,
     )
+    scheme = choose(dist)  # how the ranks share the model, for the whole run
     # FSDP2, ZeRO-3: the transformers engine generates with a whole copy on each rank (a sharded
     # model's forward is a collective, and ranks generate different lengths); synced each step.
     engine_model = None
-    if dist.partitioned_weights and config.rollout.engine == "transformers":
+    if scheme.partitioned_weights and config.rollout.engine == "transformers":
         engine_model = copy.deepcopy(model).eval()
-    model, ref_model = prepare(
-        dist,
+    model, ref_model = scheme.prepare(
         model,
         optimizer,
         ref_model,
@@ -269,5 +269,6 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         sampling=sampling,
         dist=dist,
         engine_model=engine_model,
+        scheme=scheme,
     )
     return Parts(trainer, train_prompts, eval_prompts)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,11 +15,19 @@ from typing import Any
 import torch
 
 from rl import algorithms
-from rl.batch import TokenBatch, collate, completion_logps, forward_tokens, logps_in_chunks
+from rl.batch import (
+    TokenBatch,
+    collate,
+    completion_logps,
+    forward_tokens,
+    logps_in_chunks,
+    on_device,
+)
 from rl.config import Config
-from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics, sum_gradients
+from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics
+from rl.metrics import Metrics
+from rl.schemes import DataParallel, choose
 from rl.scoring import WeightedReward, score
-from rl.sharded import deepspeed_backward, deepspeed_forward, deepspeed_grad_norm, full_parameters
 from rollouts.base import RolloutEngine, SamplingSettings
 from rollouts.record import Prompt, Rollout
 
@@ -40,6 +50,19 @@ class Trainer:
     dist: Distributed = field(default_factory=Distributed)  # this process among the ranks
     # FSDP2 or ZeRO-3 with the transformers engine: the whole (unsharded) copy it generates with
     engine_model: Any | None = None
+    # How the ranks share the model (rl/schemes.py); None: chosen from ``dist``
+    scheme: DataParallel | None = None
+    # Optimizer steps in a row skipped for a non-finite loss or gradient norm
+    nonfinite_in_a_row: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scheme is None:
+            self.scheme = choose(self.dist)
+
+
+class NonFiniteUpdateError(RuntimeError):
+    """``train.max_nonfinite_steps`` optimizer steps in a row had a non-finite loss or gradient
+    norm: the run stops (each was skipped, so the weights and checkpoints hold no inf or NaN)."""
 
 
 def train_step(
@@ -83,23 +106,23 @@ def train_step(
 
 
 def sync_engine(trainer: Trainer) -> None:
-    """The policy's weights into the rollout engine, version ``trainer.step``. Every rank calls it:
-    a shared vLLM server takes rank 0's push (rollouts/server.py); under FSDP2 and ZeRO-3 the
-    whole tensors are gathered first, on every rank, and the transformers engine's copy takes the
-    trained ones."""
-    dist, engine = trainer.dist, trainer.engine
-    if not dist.partitioned_weights:
-        engine.update_weights(trainer.model.named_parameters(), version=trainer.step)
-        return
+    """The policy's weights into the rollout engine, version ``trainer.step``, streamed: one
+    whole tensor at a time (under FSDP2 and ZeRO-3 each is gathered from the ranks as the engine
+    draws it), never a second copy of the model. Every rank calls it, and every rank draws every
+    tensor, in step: a shared vLLM server takes rank 0's push (rollouts/server.py), and what an
+    engine leaves undrawn is drawn here. The transformers engine's whole copy (FSDP2, ZeRO-3)
+    takes the trained tensors in place."""
     copy = trainer.engine_model
-    weights = full_parameters(dist, trainer.model, trainable_only=copy is not None)
+    weights = trainer.scheme.whole_weights(trainer.model, trainable_only=copy is not None)
     if copy is not None:
         own = dict(copy.named_parameters())
         with torch.no_grad():
             for name, tensor in weights:
                 own[name].copy_(tensor)
-        weights = list(copy.named_parameters())
-    engine.update_weights(weights, version=trainer.step)
+        weights = copy.named_parameters()
+    trainer.engine.update_weights(weights, version=trainer.step)
+    for _ in weights:  # the gathers an engine did not draw: every rank takes part in each
+        pass
 
 
 def generate_and_score(
@@ -243,7 +266,12 @@ def policy_update(
         for start in range(0, len(batch), mini_size):
             mini = batch.select(order[start : start + mini_size])
             trained_tokens += optimizer_step(trainer, mini, metrics)
-    trainer.scheduler.step()
+    # Once per training step, whether or not its optimizer steps were skipped: the schedule
+    # follows the step count, and ends at train.steps as planned. (torch warns when the first
+    # optimizer step was skipped, as if the order were wrong.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        trainer.scheduler.step()
     timings["timing_s/update"] = time.perf_counter() - clock
     # Every rank's share of a global sum adds up; grad_norm is the same on all ranks.
     result = metrics.result()
@@ -260,14 +288,14 @@ def policy_update(
         ),
         "learning_rate": trainer.scheduler.get_last_lr()[0],
         "optimizer_steps": float(algorithm.epochs * math.ceil(len(batch) / mini_size)),
+        # skipped for a non-finite loss or gradient norm (the same on every rank)
+        "optimizer_steps_skipped": float(metrics.skipped),
     }
 
 
 def chunk_tokens(trainer: Trainer) -> int:
-    """``train.logps_chunk_tokens``, or 0 under ZeRO-3: there every call of the output layer
-    gathers its weight from all ranks, and the ranks' chunk counts differ (their token counts
-    do), so the logits of the completion region are computed in the model's forward instead."""
-    return 0 if trainer.dist.zero_stage == 3 else trainer.config.train.logps_chunk_tokens
+    """``train.logps_chunk_tokens`` as the scheme can run it (0, all at once, under ZeRO-3)."""
+    return trainer.scheme.logps_chunk_tokens(trainer.config.train.logps_chunk_tokens)
 
 
 def autocast(trainer: Trainer):
@@ -282,11 +310,13 @@ def autocast(trainer: Trainer):
 
 def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int:
     """One optimizer step on a mini-batch, in micro-batches; the loss's pieces are the
-    registered functions the config names. Returns the tokens its forwards ran (for MFU)."""
-    config, model = trainer.config, trainer.model
+    registered functions the config names, and the scheme (``trainer.scheme``) runs what differs
+    between one process, data parallel, FSDP2 and DeepSpeed. A step whose loss or gradient norm
+    is not finite on any rank never reaches the optimizer: it is skipped, counted and said.
+    Returns the tokens its forwards ran (for MFU)."""
+    config, model, scheme, dist = trainer.config, trainer.model, trainer.scheme, trainer.dist
     algorithm = config.algorithm
     correction = algorithms.SAMPLER_CORRECTIONS.get(algorithm.sampler_correction)
-    dist = trainer.dist
     # The loss normalisers are those of the whole optimisation batch, over all ranks, so the sum
     # of the ranks' gradients is the one-process gradient.
     num_tokens = int(all_sum(dist, float(batch.completion_mask.sum())))
@@ -294,16 +324,16 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
     device = next(model.parameters()).device
 
     model.train()
-    if not dist.deepspeed:  # DeepSpeed zeroes its gradients after each step
-        trainer.optimizer.zero_grad(set_to_none=True)
-    step_loss, trained_tokens = 0.0, 0
+    scheme.zero_grad(trainer.optimizer)
+    losses, trained_tokens = [], 0
     order = micro_batch_order(batch, config.train.share_prompts)
     micro_size = config.train.micro_batch_size
     for start in range(0, len(batch), micro_size):
         micro = batch.select(order[start : start + micro_size])
-        mask = micro.completion_mask.to(device)
-        if dist.deepspeed:
-            deepspeed_forward(dist)
+        mask = on_device(micro.completion_mask, device)
+        # this micro-batch's share of tokens, from the host's mask (no wait for the device)
+        weight = float(micro.completion_mask.sum()) / max(num_tokens, 1)
+        scheme.before_forward()
         with autocast(trainer):
             logps, entropy = completion_logps(
                 model,
@@ -313,14 +343,15 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
                 chunk_tokens(trainer),
                 config.train.share_prompts,
             )
-        old_logps = logps.detach() if micro.old_logps is None else micro.old_logps.to(device)
-        weight = float(mask.sum()) / max(num_tokens, 1)  # this micro-batch's share of tokens
+        old_logps = (
+            logps.detach() if micro.old_logps is None else on_device(micro.old_logps, device)
+        )
         sampler_weights, sampler_stats = None, {}
         if micro.sampler_logps is not None:
-            sampler_logps = micro.sampler_logps.to(device)
+            sampler_logps = on_device(micro.sampler_logps, device)
             # the engine/trainer gap, on the same weights: the sampler's against the old ones
             gap = (old_logps - sampler_logps).abs()
-            metrics.add("sampling/logp_gap", float(algorithms.masked_mean(gap, mask)), weight)
+            metrics.add("sampling/logp_gap", algorithms.masked_mean(gap, mask), weight)
             if correction is not None:  # pi_old / pi_sampler, fixed for the whole update
                 sampler_weights, sampler_stats = correction(
                     old_logps,
@@ -332,7 +363,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
         loss, stats = algorithms.objective(
             logps,
             old_logps,
-            micro.advantages.to(device),
+            on_device(micro.advantages, device),
             mask,
             policy_loss=algorithm.policy_loss,
             aggregation=algorithm.loss_aggregation,
@@ -344,31 +375,70 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
             clip_ratio_c=algorithm.clip_ratio_c,
             sampler_weights=sampler_weights,
             beta=algorithm.beta,
-            ref_logps=None if micro.ref_logps is None else micro.ref_logps.to(device),
+            ref_logps=None if micro.ref_logps is None else on_device(micro.ref_logps, device),
             kl_estimator=algorithm.kl_estimator,
         )
-        if dist.deepspeed:  # the last micro-batch's backward also clips and steps
-            deepspeed_backward(dist, loss, last=start + micro_size >= len(batch))
-        else:
-            loss.backward()
-        step_loss += float(loss.detach())
+        losses.append(loss.detach())
+        last = start + micro_size >= len(batch)
+        discard = False
+        if last:  # before the backward that may step (DeepSpeed's): the loss, over all ranks
+            step_loss = _sum_in_order(losses)
+            discard = not math.isfinite(all_sum(dist, step_loss))
+        scheme.backward(loss, last=last, discard=discard)
         trained_tokens += forward_tokens(model, micro, config.train.share_prompts)
-        metrics.add("entropy", float(algorithms.masked_mean(entropy, mask)), weight)
+        metrics.add("entropy", algorithms.masked_mean(entropy, mask), weight)
         for name, value in {**stats, **sampler_stats}.items():
-            metrics.add(name, float(value), weight)
+            metrics.add(name, value, weight)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if dist.deepspeed:  # DeepSpeed averaged (x world size: summed), clipped and stepped
-        grad_norm = deepspeed_grad_norm(dist)
-    elif dist.sharded:  # FSDP2 reduce-scattered (summed) the gradients after each backward
-        grad_norm = dist.accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)
-        trainer.optimizer.step()
-    else:
-        sum_gradients(dist, trainable)  # one process: nothing
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.train.max_grad_norm)
-        trainer.optimizer.step()
+    update = scheme.clip_and_step(trainer.optimizer, trainable, config.train.max_grad_norm, discard)
     metrics.add("loss", step_loss, 1.0)
-    metrics.add("grad_norm", float(grad_norm), 1.0)
+    metrics.add("grad_norm", update.grad_norm, 1.0)
+    metrics.flush()  # the step's metrics, read from the device at once
+    if update.applied:
+        trainer.nonfinite_in_a_row = 0
+    else:
+        trainer.nonfinite_in_a_row += 1
+        metrics.skipped += 1
+        if dist.is_main:
+            limit = config.train.max_nonfinite_steps
+            print(
+                f"warning: step {trainer.step + 1}: optimizer step skipped, the loss ({step_loss:g}) "
+                f"or the gradient norm ({update.grad_norm:g}) is not finite; weights and optimizer "
+                f"state unchanged ({trainer.nonfinite_in_a_row} in a row"
+                + (f", the run stops at {limit})" if limit else ")"),
+                file=sys.stderr,
+                flush=True,
+            )
     return trained_tokens
+
+
+def _sum_in_order(values: list[torch.Tensor]) -> float:
+    """Left to right in float64, as adding each value's float() would (one read of the device)."""
+    total = 0.0
+    for value in torch.stack(values).tolist():
+        total += value
+    return total
+
+
+def check_nonfinite_steps(trainer: Trainer, run_dir=None) -> None:
+    """Stop the run when ``train.max_nonfinite_steps`` optimizer steps in a row were skipped for a
+    non-finite loss or gradient norm (the same count on every rank). Called after a step is
+    logged and before it is checkpointed."""
+    limit = trainer.config.train.max_nonfinite_steps
+    if not limit or trainer.nonfinite_in_a_row < limit:
+        return
+    last = None
+    if run_dir is not None:
+        from rl.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(run_dir)
+    where = f"the last checkpoint is {last}" if last is not None else "no checkpoint was written"
+    raise NonFiniteUpdateError(
+        f"train.max_nonfinite_steps: {trainer.nonfinite_in_a_row} optimizer steps in a row up to "
+        f"step {trainer.step} had a non-finite loss or gradient norm; each was skipped, so the "
+        f"weights hold no inf or NaN, and {where}. Look for an inf or NaN reward or advantage, "
+        "or lower train.learning_rate"
+    )
 
 
 def micro_batch_order(batch: TokenBatch, keep_groups: bool) -> list[int]:
@@ -382,32 +452,6 @@ def micro_batch_order(batch: TokenBatch, keep_groups: bool) -> list[int]:
     for group, length in zip(groups, lengths, strict=True):
         longest[group] = max(longest.get(group, 0), length)
     return sorted(range(len(batch)), key=lambda i: (-longest[groups[i]], groups[i], -lengths[i]))
-
-
-class Metrics:
-    """Averages over the optimizer steps of one update (weighted means within a step); names
-    ending in /min or /max keep the extreme."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps: dict[str, int] = {}
-        self.extremes: dict[str, float] = {}
-
-    def add(self, name: str, value: float, weight: float) -> None:
-        if name.endswith("/min") or name.endswith("/max"):
-            pick = min if name.endswith("/min") else max
-            self.extremes[name] = pick(self.extremes.get(name, value), value)
-            return
-        if name in ("loss", "grad_norm"):  # once per optimizer step: closes the step's sums
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.steps[name] = self.steps.get(name, 0) + 1
-            return
-        self.sums[name] = self.sums.get(name, 0.0) + value * weight
-
-    def result(self) -> dict[str, float]:
-        steps = max(self.steps.get("loss", 1), 1)
-        out = {name: total / steps for name, total in self.sums.items()}
-        return {**out, **self.extremes}
 
 
 @torch.no_grad()

@@ -43,7 +43,11 @@ class RolloutEngine(Protocol):
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Load the trainer's new weights (HF parameter names) and reset any cache."""
+        """Load the trainer's new weights (HF parameter names) and reset any cache.
+
+        ``named_tensors`` is a stream, drawn once, in order: an engine puts each tensor where it
+        goes as it comes and keeps none it does not need (under FSDP2 and ZeRO-3 each is
+        gathered from all ranks as it is drawn; the trainer draws whatever an engine leaves)."""
         ...
 
     def close(self) -> None: ...

@@ -199,7 +199,8 @@ class TransformersEngine:
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        self.policy_version = version  # same model object as the trainer's: nothing to copy
+        # the same model object as the trainer's: nothing to copy, nothing drawn
+        self.policy_version = version
 
     def close(self) -> None:
         pass

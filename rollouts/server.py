@@ -36,6 +36,8 @@ from rollouts.record import FinishReason, Prompt, Rollout
 from rollouts.vllm_engine import vllm_named_tensors  # pure torch: no vLLM import
 
 ServerMode = Literal["nccl", "reload", "frozen"]
+# The NCCL push announces and sends the weights in buckets of this size (one request each)
+BROADCAST_BUCKET_BYTES = 1 << 30
 
 
 class ServerError(RuntimeError):
@@ -158,12 +160,17 @@ class ServerEngine:
                 "evaluate a fixed model but not sample for training; use nccl or reload"
             )
         # Data-parallel training (accelerate launch): every rank holds the same weights and
-        # samples from the one server, so rank 0 pushes and the others wait for it.
+        # samples from the one server, so rank 0 pushes and the others wait for it. The others
+        # still draw every tensor: under FSDP2 and ZeRO-3 each is gathered from all ranks as it
+        # is drawn, in step with rank 0's push.
         if int(os.environ.get("RANK", "0")) == 0:
             if self.mode == "reload":
                 self._reload_from_disk(weights)
             else:
                 self._broadcast(weights)
+        else:
+            for _ in named_tensors:
+                pass
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         self.policy_version = version
@@ -189,16 +196,20 @@ class ServerEngine:
         self.reset_prefix_cache()
 
     def _broadcast(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """TRL's NCCL broadcast (``VLLMClient.update_named_params``), grouped into one update."""
+        """TRL's NCCL broadcast (``VLLMClient.update_named_params``), grouped into one update
+        and sent in buckets of about ``BROADCAST_BUCKET_BYTES``: each bucket is announced
+        before it is sent, so it is held whole, but never the whole model."""
         if self._client is None:
             from trl.generation.vllm_client import VLLMClient
 
             self._client = VLLMClient(base_url=self.base_url, connection_timeout=60)
             self._client.init_communicator(device=torch.cuda.current_device())
-        weights = [(name, tensor.detach()) for name, tensor in weights]
-        metadata = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in weights]
         with self._client.weight_update():
-            self._client.update_named_params(metadata, iter(weights))
+            for bucket in buckets(weights, BROADCAST_BUCKET_BYTES):
+                metadata = [
+                    (n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in bucket
+                ]
+                self._client.update_named_params(metadata, iter(bucket))
         self._client.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
@@ -208,6 +219,21 @@ class ServerEngine:
         if self._client is not None:
             self._client.close_communicator()
             self._client = None
+
+
+def buckets(
+    weights: Iterable[tuple[str, torch.Tensor]], limit_bytes: int
+) -> Iterable[list[tuple[str, torch.Tensor]]]:
+    """The tensors in lists of about ``limit_bytes`` each (a bigger tensor alone), in order."""
+    bucket, size = [], 0
+    for name, tensor in weights:
+        bucket.append((name, tensor.detach()))
+        size += tensor.numel() * tensor.element_size()
+        if size >= limit_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
 def _default_sync_dir() -> Path:

@@ -255,32 +255,55 @@ def vllm_named_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The trainer's parameters as a plain HF checkpoint: peft prefixes stripped, LoRA merged
     (``W + scaling * B @ A``), and ``lm_head.weight`` added for tied embeddings (vLLM's reload
-    otherwise keeps the old output layer)."""
-    tensors = {name.removeprefix(PEFT_PREFIX): t.detach() for name, t in named_tensors}
-    has_lora = any(".lora_A." in name for name in tensors)
-    if has_lora and lora_scaling is None:
-        raise ValueError("LoRA tensors pushed to the vLLM engine without lora_scaling (alpha / r)")
-    for name, tensor in tensors.items():
-        if ".lora_" in name:
-            continue  # folded into its base layer below
-        if ".base_layer." in name:
+    otherwise keeps the old output layer).
+
+    Streamed: each tensor is handed on as soon as it is complete, so only one merged tensor
+    exists at a time (peft lists a layer's base weight just before its A and B matrices; a base
+    weight waits for them, and nothing else waits). The tied output layer is the embedding
+    table itself, handed on right after it (a later ``lm_head.weight``, if any, wins)."""
+    bases: dict[str, tuple[str, torch.Tensor]] = {}  # module -> its base weight, waiting
+    adapters: dict[str, dict[str, torch.Tensor]] = {}  # module -> lora_A / lora_B, waiting
+    for name, tensor in named_tensors:
+        name, tensor = name.removeprefix(PEFT_PREFIX), tensor.detach()
+        module, kind = _lora_part(name)
+        if kind is not None:  # an adapter matrix, folded into its base weight
+            if lora_scaling is None:
+                raise ValueError(
+                    "LoRA tensors pushed to the vLLM engine without lora_scaling (alpha / r)"
+                )
+            adapters.setdefault(module, {}).setdefault(kind, tensor)
+        elif ".lora_" in name:
+            continue  # other adapter kinds (embedding, DoRA magnitude): not pushed
+        elif ".base_layer." in name and name.endswith(".weight"):
             module = name.split(".base_layer.")[0]
-            name = name.replace(".base_layer.", ".")
-            a = _lora_tensor(tensors, module, "lora_A")
-            b = _lora_tensor(tensors, module, "lora_B")
-            if a is not None and b is not None and name.endswith(".weight"):
-                delta = (b.float() @ a.float()) * lora_scaling  # [out, r] @ [r, in]
-                tensor = (tensor.float() + delta).to(tensor.dtype)
-        yield name, tensor
-    if tie_word_embeddings and "lm_head.weight" not in tensors:
-        yield "lm_head.weight", tensors["model.embed_tokens.weight"]
+            bases[module] = (name.replace(".base_layer.", "."), tensor)
+        else:
+            yield name.replace(".base_layer.", "."), tensor
+            if tie_word_embeddings and name == "model.embed_tokens.weight":
+                yield "lm_head.weight", tensor
+            continue
+        parts = adapters.get(module, {})
+        if module in bases and len(parts) == 2:  # complete: merge and hand on
+            base_name, base = bases.pop(module)
+            del adapters[module]
+            yield base_name, _merged(base, parts["lora_A"], parts["lora_B"], lora_scaling)
+    for base_name, base in bases.values():  # a base layer without its two matrices: as it is
+        yield base_name, base
 
 
-def _lora_tensor(tensors: dict[str, torch.Tensor], module: str, kind: str) -> torch.Tensor | None:
-    """The adapter matrix of ``module`` (peft names it ``<module>.<kind>.<adapter>.weight``)."""
-    prefix = f"{module}.{kind}."
-    matches = [t for n, t in tensors.items() if n.startswith(prefix) and n.endswith(".weight")]
-    return matches[0] if matches else None
+def _lora_part(name: str) -> tuple[str, str | None]:
+    """(module, "lora_A" or "lora_B") for an adapter matrix, peft's
+    ``<module>.<kind>.<adapter>.weight``; (name, None) for anything else."""
+    for kind in ("lora_A", "lora_B"):
+        marker = f".{kind}."
+        if marker in name and name.endswith(".weight"):
+            return name.split(marker)[0], kind
+    return name, None
+
+
+def _merged(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    delta = (b.float() @ a.float()) * scaling  # [out, r] @ [r, in]
+    return (base.float() + delta).to(base.dtype)
 
 
 # ------------------------------------------------------------------ the engine
@@ -395,7 +418,8 @@ class VLLMEngine:
     ) -> None:
         """Load the trainer's weights (HF or peft names) in place and drop cached prefixes."""
         self._wake(("weights",))
-        weights = list(vllm_named_tensors(named_tensors, self._tied, self.settings.lora_scaling))
+        # streamed: vLLM's loader copies each tensor into place as it is drawn
+        weights = vllm_named_tensors(named_tensors, self._tied, self.settings.lora_scaling)
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
         )

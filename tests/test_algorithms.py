@@ -240,8 +240,8 @@ def test_informative_groups():
 def test_lora_reference_is_the_base_with_adapters_disabled():
     from rl.batch import TokenBatch, completion_logps
     from rl.config import LoraConfig, load_config
-    from rl.distributed import Distributed
     from rl.models import load_policy, resolve_model
+    from rl.schemes import DataParallel
     from rl.trainer import reference_logps
 
     folder = resolve_model("tiny-random")
@@ -262,7 +262,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled():
         prompt_width=5,
     )
     config = load_config(None, ["model.name=tiny-random", "train.micro_batch_size=1"])
-    trainer = SimpleNamespace(config=config, model=model, ref_model=None, dist=Distributed())
+    trainer = SimpleNamespace(config=config, model=model, ref_model=None, scheme=DataParallel())
     ref = reference_logps(trainer, batch)
     expected = completion_logps(base, batch, config.rollout.temperature)[0].detach()
     adapted = completion_logps(model, batch, config.rollout.temperature)[0].detach()

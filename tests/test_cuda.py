@@ -1,7 +1,8 @@
 """The GPU path, on a CUDA machine (skipped elsewhere; CI has no GPU): the transformers engine's
 decode loop and cache room, the chunked and shared-prompt log-probs with their gradients, and a
 tiny training run under bf16 autocast (with and without gradient checkpointing) that logs MFU
-and peak memory; and, marked vllm, the
+and peak memory, an update that waits for the device no more per micro-batch than the model's
+own forward and backward do; and, marked vllm, the
 colocated vLLM with the GPU defaults (bfloat16, CUDA graphs) reloading weights under graphs
 and through sleep levels 1 and 2, and a training run with it.
 
@@ -12,6 +13,7 @@ and through sleep levels 1 and 2, and a training run with it.
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -233,3 +235,61 @@ def test_training_with_vllm_on_the_gpu_defaults_and_sleep_level_2(
     assert [m["step"] for m in steps] == [1, 2]
     assert all(m["sampling/logp_gap"] < 0.05 for m in steps)
     assert summary.eval_before is not None and summary.eval_after is not None
+
+
+def count_syncs(run) -> int:
+    """The host's waits for the device while ``run()`` runs (torch's sync debug mode warns at
+    each synchronising call: a blocking copy, .item(), a boolean-mask index...)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="torch's sync debug mode is CUDA's")
+def test_the_update_waits_for_the_device_no_more_per_micro_batch_than_the_model(tmp_path):
+    """The optimizer step's own code (inputs, loss pieces, metrics) adds no wait per
+    micro-batch: its metrics are read once per optimizer step. One more micro-batch costs the
+    waits the log-probs' forward and backward have themselves (transformers' own checks)."""
+    from rl import setup
+    from rl.metrics import Metrics
+    from rl.trainer import (
+        assign_advantages,
+        chunk_tokens,
+        collect_rollouts,
+        completion_logps,
+        optimizer_step,
+    )
+
+    reward = f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count', weight: 1.0}}]"
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", reward])
+    parts = setup.build(config)
+    trainer = parts.trainer
+    rollouts, _, _ = collect_rollouts(trainer, parts.train_prompts[:2], None, {})
+    assign_advantages(rollouts, config.rollout.group_size, config.algorithm)
+    batch = collate(rollouts, trainer.tokenizer.pad_token_id)  # 8 sequences
+
+    def step(micro: int) -> int:
+        config.train.micro_batch_size = micro
+        return count_syncs(lambda: optimizer_step(trainer, batch, Metrics()))
+
+    def bare(micro: int) -> int:
+        def run():
+            for start in range(0, len(batch), micro):
+                rows = batch.select(list(range(start, start + micro)))
+                logps, _ = completion_logps(
+                    trainer.model, rows, 1.0, True, chunk_tokens(trainer), True
+                )
+                logps.sum().backward()
+
+        return count_syncs(run)
+
+    step(4), bare(4)  # first calls: lazy initialisations
+    per_micro_batch = (step(2) - step(4)) / 2  # 4 micro-batches against 2
+    per_bare_micro_batch = (bare(2) - bare(4)) / 2
+    assert per_micro_batch <= per_bare_micro_batch

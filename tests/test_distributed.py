@@ -33,7 +33,6 @@ from conftest import FIXTURES, ROOT
 from rl.config import load_config
 from rl.data import batches
 from rl.distributed import Distributed, reduce_metrics
-from rl.sharded import full_parameters
 from rollouts.record import Rollout
 
 STEPS = 2
@@ -136,7 +135,7 @@ def train_fixed(config_overrides, dist: Distributed, out_path=None, reload_after
         metrics.append(train_step(trainer, shard(next(stream), dist)))
     result = {
         "metrics": metrics,
-        "weights": {k: v.detach().clone() for k, v in full_parameters(dist, trainer.model)},
+        "weights": {k: v.clone() for k, v in trainer.scheme.whole_weights(trainer.model)},
     }
     if trainer.engine_model is not None:  # FSDP2, ZeRO-3: the transformers engine's whole copy
         result["engine_weights"] = dict(trainer.engine_model.named_parameters())
@@ -151,7 +150,7 @@ def checkpoint_and_rebuild(trainer, config, dist: Distributed):
     (``from_pretrained``) with its state."""
     from pathlib import Path
 
-    from rl import setup, sharded
+    from rl import setup
     from rl.checkpoint import load_trainer_state
     from rl.run import save_step
 
@@ -162,7 +161,7 @@ def checkpoint_and_rebuild(trainer, config, dist: Distributed):
     if dist.accelerator is not None:  # as in a new process: the accelerator forgets the old model
         dist.accelerator.free_memory()
     fresh = setup.build(config, checkpoint, dist).trainer
-    sharded.load_optimizer_state(dist, fresh.model, fresh.optimizer, payload["optimizer"])
+    fresh.scheme.load_optimizer_state(fresh.model, fresh.optimizer, payload["optimizer"])
     fresh.scheduler.load_state_dict(payload["scheduler"])
     fresh.step = state["step"]
     fresh.engine = FixedEngine(fresh.tokenizer)
@@ -389,7 +388,8 @@ def test_optimizer_state_loads_across_formats():
     fresh optimizer alike, whichever way the model is held."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from rl.sharded import load_optimizer_state
+    from rl.schemes import DataParallel
+    from rl.sharded import FSDP2
 
     def trained():
         torch.manual_seed(0)
@@ -405,12 +405,12 @@ def test_optimizer_state_loads_across_formats():
     options = StateDictOptions(full_state_dict=True)
     by_name = get_optimizer_state_dict(model, optimizer, options=options)
     assert set(by_name["state"]) == {"0.weight", "1.weight", "1.bias"}
-    sharded = Distributed(accelerator=object())  # takes the by-name path, as under FSDP2
-    for state, dist in [(by_name, Distributed()), (by_id, sharded), (by_name, sharded)]:
+    sharded = FSDP2(Distributed(accelerator=object()))  # names the ids, as under FSDP2
+    for state, scheme in [(by_name, DataParallel()), (by_id, sharded), (by_name, sharded)]:
         fresh, fresh_optimizer = trained()
         fresh_optimizer.state.clear()  # as built: no state, no gradients
         fresh_optimizer.zero_grad(set_to_none=True)
-        load_optimizer_state(dist, fresh, fresh_optimizer, state)
+        scheme.load_optimizer_state(fresh, fresh_optimizer, state)
         old_params, new_params = (o.param_groups[0]["params"] for o in (optimizer, fresh_optimizer))
         for p, q in zip(old_params, new_params, strict=True):
             for key in ("exp_avg", "exp_avg_sq"):
