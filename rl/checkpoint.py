@@ -161,7 +161,7 @@ def save_checkpoint(
 ) -> Path:
     """``rng_ranks``: every rank's RNG state in a multi-process run (``rng`` is rank 0's).
     ``model_state`` and ``optimizer_state``: the whole ones when the model is sharded (FSDP2,
-    gathered by rl.sharded), saved instead of the model's and optimizer's own.
+    gathered by the training scheme, rl/schemes.py), saved instead of the model's and optimizer's own.
 
     Raises RunFolderError when the disk refuses the write; the temporary folder is removed and
     the previous checkpoint stays as it was."""
