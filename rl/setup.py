@@ -77,14 +77,22 @@ def build_prompts(
     return train_prompts, eval_prompts
 
 
-def build_engine(config: Config, model, tokenizer, model_folder: Path):
+def build_engine(config: Config, model, tokenizer, model_folder: Path, routing=None):
+    """The configured rollout engine; ``routing`` (a MoE policy's router patch): the engine
+    reports the experts each token was routed to."""
     if config.rollout.engine == "transformers":
         from rollouts.hf_engine import TransformersEngine
 
-        return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
+        return TransformersEngine(
+            model, tokenizer, batch_size=config.rollout.batch_size, routing=routing
+        )
     if config.rollout.engine == "vllm":  # vLLM is imported here only, never at module level
+        from rl.moe.policy import checkpoint_layout
+
         r, lora = config.rollout, config.model.lora
         lora_scaling = lora.alpha / lora.r if lora.enabled else None  # merged before the push
+        # a MoE model's fused expert tensors go to vLLM in its checkpoint layout
+        to_checkpoint = checkpoint_layout(model) if model is not None else None
         if r.server_url:
             from rollouts.server import ServerEngine, ServerError
 
@@ -92,7 +100,13 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path):
             tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
             try:
                 return ServerEngine(
-                    r.server_url, tokenizer, r.server_mode, r.server_sync_dir, tied, lora_scaling
+                    r.server_url,
+                    tokenizer,
+                    r.server_mode,
+                    r.server_sync_dir,
+                    tied,
+                    lora_scaling,
+                    checkpoint_names=to_checkpoint,
                 )
             except ServerError as error:
                 raise ConfigError(f"rollout.server_url: {error}") from None
@@ -108,6 +122,8 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path):
             sleep_level=r.sleep_level,
             kv_cache_gb=r.kv_cache_gb,
             lora_scaling=lora_scaling,
+            routed_experts=routing is not None,
+            checkpoint_names=to_checkpoint,
         )
         try:  # it loads model_folder, as the trainer did; a resume pushes the checkpoint's weights
             return VLLMEngine(model_folder, tokenizer, settings)
@@ -144,6 +160,33 @@ def load_trained_policy(config: Config, model_folder: Path, checkpoint: Path | N
 
         set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
     return model
+
+
+def build_routing(config: Config, model, ref_model):
+    """A mixture-of-experts policy's router patch (rl/moe), hooked into the policy and its
+    reference copy before any wrapping; None for a dense model, where the MoE keys must be off."""
+    from rl.moe.families import UnsupportedMoEError
+    from rl.moe.policy import install_routing
+
+    replay, aux = config.rollout.routing_replay == "r3", config.algorithm.router_aux_loss_coef
+    try:
+        routing = install_routing(model, replay, aux, ref_model)
+    except UnsupportedMoEError as error:
+        raise ConfigError(str(error)) from None
+    if routing is None and (replay or aux > 0):
+        key = "rollout.routing_replay" if replay else "algorithm.router_aux_loss_coef"
+        raise ConfigError(f"{key}: {config.model.name} is not a mixture-of-experts model")
+    if (
+        routing is not None
+        and replay
+        and config.rollout.engine == "vllm"
+        and config.rollout.server_url
+    ):
+        raise ConfigError(
+            "rollout.routing_replay=r3: a vLLM server (rollout.server_url) does not report the "
+            "experts it routed each token to here; use the colocated vLLM or transformers engine"
+        )
+    return routing
 
 
 def run_folder(target: str | Path) -> Path | None:
@@ -226,6 +269,7 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
             load_policy(model_folder, config.model.dtype).to(device).eval().requires_grad_(False)
         )
 
+    routing = build_routing(config, model, ref_model)  # None for a dense policy
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters,
@@ -263,12 +307,17 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer),
         engine=build_engine(
-            config, model if engine_model is None else engine_model, tokenizer, model_folder
+            config,
+            model if engine_model is None else engine_model,
+            tokenizer,
+            model_folder,
+            routing,
         ),
         rewards=rewards,
         sampling=sampling,
         dist=dist,
         engine_model=engine_model,
         scheme=scheme,
+        moe=routing,
     )
     return Parts(trainer, train_prompts, eval_prompts)

@@ -54,6 +54,7 @@ class Trainer:
     scheme: DataParallel | None = None
     # Optimizer steps in a row skipped for a non-finite loss or gradient norm
     nonfinite_in_a_row: int = 0
+    moe: Any | None = None  # a mixture-of-experts policy's router patch (rl/moe/routing.py)
 
     def __post_init__(self) -> None:
         if self.scheme is None:
@@ -102,7 +103,8 @@ def train_step(
         **rollout_metrics(rollouts),
         **timings,
     }
-    return {**reduce_metrics(trainer.dist, local_metrics), **update_metrics}
+    moe_metrics = trainer.moe.metrics(trainer.dist) if trainer.moe else {}  # over all ranks
+    return {**reduce_metrics(trainer.dist, local_metrics), **update_metrics, **moe_metrics}
 
 
 def sync_engine(trainer: Trainer) -> None:
@@ -251,6 +253,7 @@ def policy_update(
                 temperature,
                 chunk_tokens(trainer),
                 config.train.share_prompts,
+                trainer.moe,
             )
         batch = replace(batch, old_logps=old_logps)
         timings["timing_s/old_logp"] = time.perf_counter() - clock
@@ -342,6 +345,7 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
                 True,
                 chunk_tokens(trainer),
                 config.train.share_prompts,
+                trainer.moe,
             )
         old_logps = (
             logps.detach() if micro.old_logps is None else on_device(micro.old_logps, device)
@@ -378,6 +382,8 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
             ref_logps=None if micro.ref_logps is None else on_device(micro.ref_logps, device),
             kl_estimator=algorithm.kl_estimator,
         )
+        if trainer.moe:  # algorithm.router_aux_loss_coef's load balancing: this micro-batch's share
+            loss = loss + weight * trainer.moe.aux_loss()
         losses.append(loss.detach())
         last = start + micro_size >= len(batch)
         discard = False
@@ -461,13 +467,16 @@ def reference_logps(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
     config = trainer.config
     chunk, temperature = config.train.micro_batch_size, config.rollout.temperature
     tokens, share = chunk_tokens(trainer), config.train.share_prompts
+    routing = trainer.moe.quiet() if trainer.moe else None  # replayed, not measured
     if trainer.ref_model is not None:
         with autocast(trainer):
-            return logps_in_chunks(trainer.ref_model, batch, chunk, temperature, tokens, share)
+            return logps_in_chunks(
+                trainer.ref_model, batch, chunk, temperature, tokens, share, routing
+            )
     was_training = trainer.model.training
     trainer.model.eval()
     with trainer.model.disable_adapter(), autocast(trainer):
-        logps = logps_in_chunks(trainer.model, batch, chunk, temperature, tokens, share)
+        logps = logps_in_chunks(trainer.model, batch, chunk, temperature, tokens, share, routing)
     trainer.model.train(was_training)
     return logps
 

@@ -37,10 +37,13 @@ from rollouts.sampling import sample_next
 
 
 class TransformersEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(self, model, tokenizer, batch_size: int = 64, routing=None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # a mixture-of-experts policy's router patch (rl/moe/routing.py): each rollout gets the
+        # experts its tokens were routed to (``Rollout.routed_experts``)
+        self.routing = routing
         self.policy_version = 0
         # decode steps in MKL's packed weight layout on CPUs (rollouts/packed_linear.py)
         self.packed = packed_linear.PackedLinears() if packed_linear.available() else None
@@ -72,14 +75,24 @@ class TransformersEngine:
             input_ids[row, width - len(prompt.ids) :] = torch.tensor(prompt.ids)
             attention_mask[row, width - len(prompt.ids) :] = 1
         device = next(self.model.parameters()).device
-        new_ids, logps = self._decode(
-            prompts, input_ids.to(device), attention_mask.to(device), sampling
-        )
+        with self.routing.record() if self.routing else contextlib.nullcontext() as recording:
+            new_ids, logps = self._decode(
+                prompts, input_ids.to(device), attention_mask.to(device), sampling
+            )
         new_ids, logps = new_ids.cpu(), logps.cpu()  # [B, T]
+        ends = [self._completion_length(ids, sampling) for ids in new_ids.tolist()]
+        routed = [None] * len(prompts)
+        if recording is not None:
+            routed = recording.rows(
+                _distinct_rows(prompts),
+                [len(p.ids) for p in prompts],
+                [length for length, _ in ends],
+                width,
+            )
         rollouts = []
         for row, prompt in enumerate(prompts):
             ids = new_ids[row].tolist()
-            length, finish = self._completion_length(ids, sampling)
+            length, finish = ends[row]
             completion_ids = ids[:length]
             rollouts.append(
                 Rollout(
@@ -89,6 +102,7 @@ class TransformersEngine:
                     sampler_logps=logps[row, :length].tolist(),
                     finish_reason=finish,
                     policy_version=self.policy_version,
+                    routed_experts=routed[row],
                 )
             )
         return rollouts
@@ -147,10 +161,9 @@ class TransformersEngine:
     def _prefill(self, prompts: list[Prompt], input_ids, attention_mask):
         """The cache after the prompts, and the logits [B, V] of each row's first new token. A
         group's G copies of a prompt run once; their keys and values are gathered per row."""
-        first: dict[int, int] = {}
-        rows = [first.setdefault(id(p), len(first)) for p in prompts]  # row -> distinct prompt
+        rows = _distinct_rows(prompts)  # row -> distinct prompt
         device = input_ids.device
-        distinct = torch.tensor([rows.index(k) for k in range(len(first))], device=device)
+        distinct = torch.tensor([rows.index(k) for k in range(max(rows) + 1)], device=device)
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, P]
         cache = DynamicCache()
         logits = self.model(
@@ -161,7 +174,7 @@ class TransformersEngine:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]  # [U, V]
-        if len(first) < len(prompts):
+        if len(distinct) < len(prompts):
             select = torch.tensor(rows, device=device)
             cache.batch_select_indices(select)
             logits = logits[select]  # [B, V]
@@ -204,6 +217,13 @@ class TransformersEngine:
 
     def close(self) -> None:
         pass
+
+
+def _distinct_rows(prompts: list[Prompt]) -> list[int]:
+    """Each row's distinct prompt, numbered in order of first appearance (a group's G rows share
+    one prompt object)."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(p), len(first)) for p in prompts]
 
 
 class RoomyLayer(DynamicLayer):

@@ -39,6 +39,12 @@ class Rollout:
     sampler_logps: list[float] | None
     finish_reason: FinishReason  # "length": cut at max_tokens, no end-of-sequence token
     policy_version: int  # optimizer steps the sampling weights had taken
+    # Mixture-of-experts policies: the experts each position's token was routed to in every
+    # layer, [P + T - 1, layers, top_k] small integers (uint8 up to 256 experts), positions 0 ..
+    # P + T - 2 of prompt + completion as vLLM's ``routed_experts`` (row P - 1 + t is the forward
+    # that sampled completion token t; the last token is never run). None: a dense policy, or an
+    # engine that reports no routing. Replayed by the trainer (rollout.routing_replay, rl/moe).
+    routed_experts: Any | None = None
     rewards: dict[str, float | None] = field(default_factory=dict)  # per reward, unweighted
     reward: float = math.nan  # weighted sum of `rewards` (None counts as 0)
     advantage: float = math.nan
