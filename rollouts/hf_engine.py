@@ -235,8 +235,10 @@ class RoomyLayer(DynamicLayer):
     def __init__(self, layer: DynamicLayer, room: int):
         super().__init__()
         length = layer.keys.shape[-2]
-        shape = (*layer.keys.shape[:-2], length + room, layer.keys.shape[-1])
-        self.key_room, self.value_room = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+        # keys and values may differ in width (DeepSeek-V3's latent attention: 192 and 128)
+        rows = (*layer.keys.shape[:-2], length + room)
+        self.key_room = layer.keys.new_empty((*rows, layer.keys.shape[-1]))
+        self.value_room = layer.values.new_empty((*rows, layer.values.shape[-1]))
         self.key_room[..., :length, :] = layer.keys
         self.value_room[..., :length, :] = layer.values
         self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True

@@ -22,7 +22,7 @@ TINY_MOE = {
     "tiny-random-olmoe": "olmoe",
     "tiny-random-deepseek-v3": "deepseek_v3",
 }
-VERSION = "v1"  # a new value rebuilds the cached folders
+VERSION = "v3"  # a new value rebuilds the cached folders
 
 
 def tiny_config(family: str, tokenizer):
@@ -74,12 +74,15 @@ def tiny_config(family: str, tokenizer):
             first_k_dense_replace=1,
             n_shared_experts=1,
             q_lora_rank=32,
-            kv_lora_rank=32,
+            kv_lora_rank=288,  # + qk_rope_head_dim = 320, a head size vLLM's MLA takes
             qk_nope_head_dim=32,
             qk_rope_head_dim=32,
             v_head_dim=32,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
+            # what DeepSeek-V3's own config.json says and vLLM reads (transformers assumes both)
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
         )
     raise ValueError(f"no tiny model for family {family!r}")
 
