@@ -7,7 +7,8 @@
   forwards (``rollout.routing_replay: r3``), measures the trainer/sampler disagreement and the
   experts' load, and adds the load-balancing loss when asked;
 - ``stats``: the pure tensor functions behind those numbers;
-- ``weights``: the trainer's fused expert tensors in the checkpoint layout vLLM loads;
+- ``policy``: what set-up asks of a MoE policy (its router patch, LoRA targets, and the
+  checkpoint layout its fused expert tensors go to vLLM in);
 - ``tiny``, ``upcycle``: the tiny random MoE models of the tests, and the upcycled SmolLM2.
 
 The training step never asks which family runs: the forward helpers (``rl/batch.py``) enter the
