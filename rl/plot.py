@@ -1,7 +1,8 @@
 """PNG plots of one or more runs' metrics.jsonl, runs overlaid: ``aha plot RUN_DIR ...``.
 
 One PNG per panel (reward, reward per function, held-out accuracy, response length, KL, entropy,
-clip fraction, step timings) and ``overview.png`` with every panel that has data. Uses
+clip fraction, step timings; a mixture of experts' router mismatch, load entropy and expert
+shares per layer) and ``overview.png`` with every panel that has data. Uses
 matplotlib's object API on the Agg canvas, so it never needs a display or touches pyplot's
 global state.
 """
@@ -40,7 +41,26 @@ PANELS = (
     Panel("clip_fraction.png", "Clip fraction (policy ratio)", (r"clip_ratio/.+",), "fraction"),
     Panel("truncated.png", "Truncated at max_tokens", (r"response_length/clip_ratio",), "fraction"),
     Panel("timing.png", "Step timings", (r"timing_s/.+",), "seconds"),
+    # mixture-of-experts policies (docs/moe.md)
+    Panel(
+        "moe_router_mismatch.png",
+        "Router decisions unlike the sampler's",
+        (r"moe/router_mismatch",),
+        "fraction",
+    ),
+    Panel(
+        "moe_load_entropy.png",
+        "Expert load entropy per layer",
+        (r"moe/load_entropy/.+",),
+        "entropy / log E",
+    ),
+    Panel(
+        "moe_expert_share.png", "Expert shares per layer", (r"moe/(max_)?expert_share/.+",), "share"
+    ),
 )
+# A panel with more lines than this draws no legend (a MoE's experts x layers): it would hide
+# the plot; the lines are the keys of metrics.jsonl.
+MAX_LEGEND = 24
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -81,7 +101,7 @@ def _draw(ax, panel: Panel, runs: dict[str, list[dict[str, Any]]]) -> bool:
     """Draw the panel's lines on `ax`; False when no run has data for it."""
     from matplotlib.ticker import MaxNLocator
 
-    drawn = False
+    drawn, lines = False, 0
     for run_name, records in runs.items():
         for key in panel_keys(panel, records):
             steps, values = series(records, key)
@@ -89,14 +109,15 @@ def _draw(ax, panel: Panel, runs: dict[str, list[dict[str, Any]]]) -> bool:
                 continue
             label = _short(key) if len(runs) == 1 else f"{run_name}: {_short(key)}"
             ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, ms=3, label=label)
-            drawn = True
+            drawn, lines = True, lines + 1
     if drawn:
         ax.set_title(panel.title)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if lines <= MAX_LEGEND:
+            ax.legend(fontsize="small")
     return drawn
 
 

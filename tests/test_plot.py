@@ -31,6 +31,10 @@ def write_run(run_dir, reward_slope):
                 "timing_s/step": 2.0,
                 "timing_s/gen": 1.5,
                 "timing_s/update": 0.4,
+                "moe/router_mismatch": 0.01,
+                "moe/load_entropy/layer01": 0.9,
+                "moe/expert_share/layer01/e00": 0.5,
+                "moe/expert_share/layer01/e01": 0.5,
             }
         )
     lines.append({"step": 5, "eval/accuracy": 0.3})
