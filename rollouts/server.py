@@ -91,12 +91,14 @@ class ServerEngine:
         tie_word_embeddings: bool = True,
         lora_scaling: float | None = None,
         connect_timeout_s: float = 60,
+        checkpoint_names=None,  # a MoE model's tensors -> its checkpoint layout (rl/moe/policy.py)
     ):
         self.base_url = base_url.rstrip("/")
         self.tokenizer = tokenizer
         self.mode = mode
         self.tie_word_embeddings = tie_word_embeddings
         self.lora_scaling = lora_scaling
+        self.checkpoint_names = checkpoint_names
         self.policy_version = 0
         self._client = None  # TRL's VLLMClient, for mode "nccl"
         wait_for_server(self.base_url, connect_timeout_s)
@@ -153,7 +155,9 @@ class ServerEngine:
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        weights = vllm_named_tensors(named_tensors, self.tie_word_embeddings, self.lora_scaling)
+        weights = vllm_named_tensors(
+            named_tensors, self.tie_word_embeddings, self.lora_scaling, self.checkpoint_names
+        )
         if self.mode == "frozen":
             raise ServerError(
                 "rollout.server_mode=frozen: this server never receives new weights, so it can "

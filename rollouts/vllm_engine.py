@@ -45,7 +45,7 @@ import inspect
 import os
 import random
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,11 @@ class VLLMSettings:
     sleep_level: int = 0  # GPU only: 0 off; 1 offload weights, 2 discard them, during the update
     kv_cache_gb: float | None = None  # CPU: KV-cache size; None picks it from the machine's RAM
     lora_scaling: float | None = None  # alpha / r when the trainer pushes peft LoRA tensors
+    # Mixture of experts: report the experts each token was routed to (Rollout.routed_experts)
+    routed_experts: bool = False
+    # (name, tensor) of the trainer -> the checkpoint's tensors vLLM's loader reads (a MoE
+    # model's fused experts, split per expert: rl/moe/policy.py); None: the names as they are
+    checkpoint_names: Callable[[str, torch.Tensor], Iterable] | None = None
 
 
 # ------------------------------------------------------------------ environment and checks
@@ -110,6 +115,8 @@ def prepare_environment(settings: VLLMSettings) -> dict[str, str]:
     """Set vLLM's environment before it is imported; returns what was set. A value the user
     exported already wins, except the in-process switch, which weight sync depends on."""
     chosen: dict[str, str] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if settings.routed_experts and _has_cuda():  # vLLM returns routing from its V2 runner only
+        chosen["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     if not _has_cuda():
         kv_gb = settings.kv_cache_gb or auto_kv_cache_gb(_available_ram_gb())
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -252,6 +259,22 @@ def vllm_named_tensors(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     tie_word_embeddings: bool,
     lora_scaling: float | None = None,
+    checkpoint_names: Callable[[str, torch.Tensor], Iterable] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``_merged_tensors``, each in the checkpoint's layout where ``checkpoint_names`` says how
+    (a mixture of experts' fused expert tensors split per expert, as vLLM's loader reads them)."""
+    merged = _merged_tensors(named_tensors, tie_word_embeddings, lora_scaling)
+    if checkpoint_names is None:
+        yield from merged
+        return
+    for name, tensor in merged:
+        yield from checkpoint_names(name, tensor)
+
+
+def _merged_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    tie_word_embeddings: bool,
+    lora_scaling: float | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The trainer's parameters as a plain HF checkpoint: peft prefixes stripped, LoRA merged
     (``W + scaling * B @ A``), and ``lm_head.weight`` added for tied embeddings (vLLM's reload
@@ -325,6 +348,12 @@ class VLLMEngine:
             vllm = _import_vllm()
             self.llm = vllm.LLM(**self._llm_arguments(model_folder))
         self._sampling_params_cls = vllm.SamplingParams
+        # CPUs: vLLM returns routing only from its V2 model runner, which needs Triton: the
+        # experts are captured here instead, from the routers of its V1 runner
+        self._capture = None
+        if settings.routed_experts and not _has_cuda():
+            self._capture = RoutingCapture()
+            self.llm.collective_rpc(self._capture.install)
 
     def _llm_arguments(self, model_folder: Path) -> dict[str, Any]:
         s = self.settings
@@ -352,6 +381,10 @@ class VLLMEngine:
         # GPU: CUDA graphs unless eager; the in-place reload copies into the weights' storage,
         # which the captured graphs read. CPU: eager unless asked (compiling takes minutes).
         arguments["enforce_eager"] = s.enforce_eager
+        if s.routed_experts and _has_cuda():
+            arguments["enable_return_routed_experts"] = True
+        elif s.routed_experts:  # the CPU capture needs every prompt run by its own request
+            arguments["enable_prefix_caching"] = False
         if _has_cuda():
             arguments["gpu_memory_utilization"] = s.gpu_memory_utilization
             if s.sleep_level:
@@ -382,13 +415,14 @@ class VLLMEngine:
             self.sampling_params(n, sampling),
             use_tqdm=False,
         )
+        captured = self._capture.take() if self._capture is not None else {}
         rollouts = []
         for prompt, output in zip(prompts, outputs, strict=True):
             for completion in sorted(output.outputs, key=lambda c: c.index):
-                rollouts.append(self._rollout(prompt, completion))
+                rollouts.append(self._rollout(prompt, completion, captured))
         return rollouts
 
-    def _rollout(self, prompt: Prompt, completion) -> Rollout:
+    def _rollout(self, prompt: Prompt, completion, captured=None) -> Rollout:
         ids = list(completion.token_ids)  # ends with the EOS token when it stopped on it
         finish: FinishReason = "stop" if completion.finish_reason == "stop" else "length"
         return Rollout(
@@ -398,7 +432,26 @@ class VLLMEngine:
             sampler_logps=_sampled_logps(completion.logprobs, ids),
             finish_reason=finish,
             policy_version=self.policy_version,
+            routed_experts=self._routed_experts(prompt, ids, completion, captured),
         )
+
+    def _routed_experts(self, prompt: Prompt, ids: list[int], completion, captured):
+        """[P + T - 1, L, K] experts of positions 0 .. P + T - 2 (the last token never ran),
+        from vLLM's own ``routed_experts`` (GPU) or the CPU capture; None when not asked."""
+        if not self.settings.routed_experts:
+            return None
+        rows = len(prompt.ids) + len(ids) - 1
+        if self._capture is not None:
+            return captured.get(tuple(prompt.ids) + tuple(ids[:-1]))
+        routed = getattr(completion, "routed_experts", None)
+        if routed is None:
+            return None
+        routed = torch.from_numpy(routed.astype("int16" if routed.dtype.itemsize > 1 else "uint8"))
+        if len(routed) < rows:
+            raise RuntimeError(
+                f"vLLM engine: routed_experts has {len(routed)} rows for {rows} positions"
+            )
+        return routed[:rows]
 
     @torch.no_grad()
     def sequence_logps(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
@@ -419,10 +472,14 @@ class VLLMEngine:
         """Load the trainer's weights (HF or peft names) in place and drop cached prefixes."""
         self._wake(("weights",))
         # streamed: vLLM's loader copies each tensor into place as it is drawn
-        weights = vllm_named_tensors(named_tensors, self._tied, self.settings.lora_scaling)
+        weights = vllm_named_tensors(
+            named_tensors, self._tied, self.settings.lora_scaling, self.settings.checkpoint_names
+        )
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
         )
+        if not _has_cuda():  # a mixture of experts: see _repack_cpu_experts
+            self.llm.collective_rpc(_repack_cpu_experts)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.policy_version = version
         self._weights_discarded = False
@@ -471,6 +528,87 @@ class VLLMEngine:
                 llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
+
+
+def _repack_cpu_experts(worker) -> None:
+    """vLLM 0.32's in-place reload leaves a CPU mixture of experts' reloaded expert weights in
+    the checkpoint layout: on a weight update its unquantized MoE method copies them into place
+    but skips the CPU experts' prepacking into their grouped-GEMM layout (done on the first load
+    only), so every later forward reads garbled experts. Run on vLLM's worker after each reload:
+    the prepacking the first load did. Dense models have no such layer."""
+    for module in worker.model_runner.get_model().modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and "CPUUnquantizedExperts" in type(experts).__name__:
+            experts.process_weights_after_loading(module)
+
+
+class RoutingCapture:
+    """The experts vLLM's V1 model runner routes each token to, for the CPU backend (vLLM's own
+    ``enable_return_routed_experts`` needs its V2 runner, and that needs Triton, which CPUs
+    lack here). Every router gets vLLM's own capture callback (``bind_routed_experts_capturer``,
+    the hook its V2 runner uses); after each step the runner's flat token rows are given back to
+    their requests by the runner's per-token request slot and position. ``take`` returns each
+    finished sequence's routing keyed by its token ids (prompt + completion without its last
+    token): the same text routes the same way, so which of a group's identical samples a row
+    came from does not matter. Needs every request to run its own prompt (no prefix caching)."""
+
+    def __init__(self):
+        self.layers: dict[int, torch.Tensor] = {}  # this step's [tokens, K] per layer
+        self.requests: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}  # position -> row
+        self.num_layers = 0
+
+    def capture(self, layer_id: int, topk_ids: torch.Tensor) -> None:
+        self.layers[layer_id] = topk_ids.detach().to("cpu", copy=True)
+
+    def install(self, worker) -> None:
+        """Run on vLLM's worker (``collective_rpc``): bind the routers, wrap the step."""
+        from vllm.model_executor.layers.fused_moe.routed_experts_capturer import (
+            bind_routed_experts_capturer,
+        )
+
+        runner = worker.model_runner
+        bind_routed_experts_capturer(runner.get_model(), self)
+        self.num_layers = runner.model_config.get_total_num_hidden_layers()
+        execute_model = runner.execute_model
+
+        def execute_and_keep_routing(scheduler_output, *args, **kwargs):
+            self.layers = {}
+            output = execute_model(scheduler_output, *args, **kwargs)
+            tokens = scheduler_output.total_num_scheduled_tokens
+            if tokens and self.layers:
+                self._keep(runner, tokens)
+            return output
+
+        runner.execute_model = execute_and_keep_routing
+
+    def _keep(self, runner, tokens: int) -> None:
+        slots = runner.req_indices.np[:tokens].tolist()
+        positions = runner.positions[:tokens].tolist()
+        input_ids = runner.input_ids.gpu[:tokens].tolist()
+        request_ids = runner.input_batch.req_ids
+        top_k = next(iter(self.layers.values())).shape[1]
+        rows = torch.zeros(tokens, self.num_layers, top_k, dtype=torch.int16)
+        for layer, ids in self.layers.items():
+            rows[:, layer] = ids[:tokens].to(torch.int16)
+        for row, (slot, position, token) in enumerate(
+            zip(slots, positions, input_ids, strict=True)
+        ):
+            self.requests.setdefault(request_ids[slot], {})[position] = (token, rows[row])
+
+    def take(self) -> dict[tuple[int, ...], torch.Tensor]:
+        """token ids -> [positions, L, K] of every request run since the last take."""
+        taken = {}
+        for positions in self.requests.values():
+            ordered = [positions[p] for p in range(len(positions)) if p in positions]
+            if len(ordered) != len(positions):  # a gap: a position never ran here
+                continue
+            tokens = tuple(token for token, _ in ordered)
+            routed = torch.stack([row for _, row in ordered])
+            narrow = routed.to(torch.uint8) if int(routed.max()) < 256 else routed
+            taken.setdefault(tokens, narrow)
+        self.requests = {}
+        return taken
 
 
 def _trainer_world_size() -> int:

@@ -318,3 +318,27 @@ def test_lora_targets_attention_by_default_and_experts_when_asked():
     assert lora_targets(Dense(), default, experts=False) == {"target_modules": default}
     with pytest.raises(ValueError, match="not a mixture of experts"):
         lora_targets(Dense(), default, experts=True)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MOE))
+def test_weights_reach_vllm_in_the_checkpoint_layout(name):
+    """transformers 5 fuses each layer's experts into [E, 2I, H] and [E, H, I] tensors; vLLM's
+    loader reads the checkpoint's per-expert tensors: the weight sync's stream is exactly the
+    model's own safetensors file (plus lm_head for tied embeddings, which vLLM's reload wants)."""
+    from safetensors.torch import load_file
+
+    from rl.moe.policy import checkpoint_layout
+    from rollouts.vllm_engine import vllm_named_tensors
+
+    folder = resolve_model(name)
+    model = load_policy(folder, "float32")
+    on_disk = load_file(folder / "model.safetensors")
+    streamed = dict(
+        vllm_named_tensors(model.named_parameters(), True, None, checkpoint_layout(model))
+    )
+    streamed.pop("lm_head.weight")
+    # buffers (DeepSeek-V3's correction bias) are not parameters: the file has them, the stream
+    # of parameters does not
+    assert set(streamed) == {key for key in on_disk if "e_score_correction_bias" not in key}
+    for key, tensor in streamed.items():
+        assert torch.equal(tensor, on_disk[key]), key
