@@ -63,3 +63,15 @@ def tiny_logp_error(
 # (stale weights, a wrong position or temperature) by 0.05 and more.
 LOGP_TOLERANCE = 5e-4
 assert 2 * tiny_logp_error(logit_magnitude=3.4) <= LOGP_TOLERANCE
+
+# bfloat16 keeps 8 significant bits: unit roundoff 2^-8 = 3.9e-3, so large that the bounds above
+# say nothing useful (the worst case over the tiny model's ~20 rounding stages is 0.16 of the
+# logits' magnitude). The roundings of independent weights and activations have independent
+# signs, though: a K-term dot product whose terms each move by up to u (uniformly: standard
+# deviation u / sqrt(3)) moves by ~u / sqrt(3 K) of sum|terms|, its rounded result by as much
+# again; over 20 stages with K >= 32, the logits move by ~sqrt(20) x 2 u / sqrt(96) = 0.9 u of
+# their magnitude (1.35 at temperature 1): sigma ~ 5e-3, a log-prob (two such) ~ 7e-3. A
+# bf16 engine against the float32 trainer on the tiny model: within 7 sigma.
+BF16_LOGP_SIGMA = 20**0.5 * 2 * 2.0**-8 / 96**0.5 * 1.35 * 2**0.5
+BF16_LOGP_TOLERANCE = 0.05
+assert 6 * BF16_LOGP_SIGMA < BF16_LOGP_TOLERANCE
