@@ -329,16 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = _parse(parser, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # aha prints its own progress; vLLM's start-up warnings on a CPU (no tcmalloc, no triton,
-    # eager mode, set_num_threads ignored) are about its own tuning, not the run. Set
-    # VLLM_LOGGING_LEVEL=WARNING (or INFO) to see them.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    from rl.gpus import gpu_device_files
+    from rl.quiet import quiet_third_parties
 
-    if not gpu_device_files():
-        # accelerate imports DeepSpeed where it is installed, and DeepSpeed's accelerator probe
-        # warns on every machine without a GPU; naming the CPU accelerator skips the probe.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_third_parties()  # before vLLM, accelerate or DeepSpeed is imported; AHA_VERBOSE=1: all
     from rl.errors import USER_ERRORS
 
     try:

@@ -93,13 +93,18 @@ def _hub(repo_id: str) -> Path:
 
 def _atomic_build(target: Path, build) -> Path:
     """Build a folder in a temporary sibling and rename it into place, so an interrupted build
-    never leaves a half-written model that looks complete."""
+    never leaves a half-written model that looks complete. The build draws from torch's global
+    RNG (a model's initialisation): the caller's state is put back, so a run that builds the
+    folder draws what a run that finds it draws (LoRA's initialisation, sampling)."""
     if (target / "config.json").is_file():
         return target
+    import torch
+
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        build(work)
+        with torch.random.fork_rng(devices=[]):
+            build(work)
         try:
             work.rename(target)
         except OSError:  # another process finished first

@@ -14,6 +14,7 @@ from rl.data import load_prompts, required_columns
 from rl.distributed import Distributed, broadcast_parameters
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.perf import keep_freed_memory
+from rl.quiet import known_stderr_dropped, quiet_third_parties, quiet_transformers
 from rl.schemes import choose
 from rl.scoring import WeightedReward
 from rl.trainer import Trainer, seed_everything
@@ -125,8 +126,10 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path, routing=N
             routed_experts=routing is not None,
             checkpoint_names=to_checkpoint,
         )
+        quiet_third_parties()  # as `aha` does, for runs started from Python
         try:  # it loads model_folder, as the trainer did; a resume pushes the checkpoint's weights
-            return VLLMEngine(model_folder, tokenizer, settings)
+            with known_stderr_dropped():  # its C++ start-up notes (rl/quiet.py)
+                return VLLMEngine(model_folder, tokenizer, settings)
         except VLLMUnavailableError as error:
             raise ConfigError(str(error)) from None
     raise ConfigError(f"rollout.engine: {config.rollout.engine!r} is not available")
@@ -233,13 +236,6 @@ def frozen_engine(config: Config, model, tokenizer, model_folder: Path | None):
     if not (r.engine == "vllm" and r.server_url and r.server_mode == "frozen"):
         engine.update_weights(model.named_parameters(), version=0)
     return engine
-
-
-def quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # aha draws its own progress bars
-    transformers.utils.logging.set_verbosity_error()
 
 
 def build(config: Config, checkpoint: Path | None = None, dist: Distributed | None = None) -> Parts:

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from numerics import LOGP_TOLERANCE
 
 from rl.batch import collate, completion_logps
 from rl.models import load_policy
@@ -23,7 +24,7 @@ from rollouts.record import Prompt
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-LOGP_TOLERANCE = 1e-4
+# fp32 on both sides, vLLM's kernels against the trainer's: LOGP_TOLERANCE (tests/numerics.py)
 
 
 def free_port() -> int:
@@ -128,7 +129,7 @@ def test_weight_update_round_trip_by_reload(server, tiny_tokenizer, prompts, tin
         for parameter in model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     stale = engine.generate(prompts, 1, greedy)
-    assert gap_to_trainer(model, stale, tiny_tokenizer.pad_token_id) > 0.05
+    assert gap_to_trainer(model, stale, tiny_tokenizer.pad_token_id) > 0.05  # 0.05 vs 0.02 weights
 
     engine.update_weights(model.named_parameters(), version=1)
     fresh = engine.generate(prompts, 1, greedy)
