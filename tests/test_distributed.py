@@ -48,8 +48,13 @@ ALGORITHMS = {
         "model.lora.enabled=true",
         "algorithm.beta=0.05",
     ],
+    "distill": [  # on-policy distillation: a teacher beside the rewards (see overrides)
+        "algorithm.loss_aggregation=token_mean",
+        "algorithm.teacher_coef=0.5",
+    ],
 }
 COMPARED = ("loss", "grad_norm", "entropy", "reward/mean", "reward/std", "tokens", "clip_ratio/low")
+COMPARED += ("distill/reverse_kl", "distill/teacher_logp")
 # What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets for each process.
 FSDP2_ENV = {
     "ACCELERATE_USE_FSDP": "true",
@@ -103,7 +108,13 @@ class FixedEngine:
 
 
 def overrides(tmp_path, algorithm):
+    teacher = []
+    if algorithm == "distill":  # a frozen teacher that disagrees with the student
+        from test_distill_on_policy import make_teacher
+
+        teacher = [f"algorithm.teacher={make_teacher(tmp_path / 'teacher')}"]
     return [
+        *teacher,
         f"run_dir={tmp_path / 'run'}",
         f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count', weight: 1.0}}]",
         "train.prompts_per_step=4",
@@ -211,6 +222,9 @@ def free_port() -> int:
         ("zero2", "dapo_batch_scaled_kl", 1),
         ("zero3", "dapo_batch_scaled_kl", 1),
         ("zero2", "grpo_lora_kl", 1),
+        # the teacher sharded as the reference (FSDP2), or whole on each rank (ZeRO-3)
+        ("fsdp2", "distill", None),
+        ("zero3", "distill", None),
     ],
 )
 def test_two_processes_train_exactly_what_one_process_trains(
