@@ -229,7 +229,7 @@ def policy_update(
     Old log-probs: exactly on-policy (one epoch, one mini-batch) they equal the current ones, so
     they are not computed (the current ones, detached, are used: ratio 1, the clipped loss is the
     policy gradient). Otherwise they are computed once, before the first update, or taken from
-    the sampler when ``algorithm.old_logps == "sampler"``. Reference log-probs likewise once.
+    the sampler when ``algorithm.old_logps == "sampler"``. Reference (and teacher) log-probs once.
     """
     config, algorithm = trainer.config, trainer.config.algorithm
     timings = {} if timings is None else timings
