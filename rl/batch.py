@@ -65,10 +65,11 @@ class TokenBatch:
 
 
 def on_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """A host tensor on ``device`` (None stays None). To a GPU it goes from pinned memory without waiting: torch's
-    plain copy from pageable memory synchronises the stream, so each input of a micro-batch
-    would wait for the previous micro-batch's backward to finish before the host could queue
-    the next forward. (The pinned block is not reused before its copy has run.)"""
+    """A host tensor on ``device`` (None stays None). To a GPU it goes from pinned memory
+    without waiting: torch's plain copy from pageable memory synchronises the stream, so each
+    input of a micro-batch would wait for the previous micro-batch's backward to finish before
+    the host could queue the next forward. (The pinned block is not reused before its copy has
+    run.)"""
     if tensor is None:
         return None
     if torch.device(device).type != "cuda" or tensor.device.type != "cpu":

@@ -276,6 +276,13 @@ def test_pure_distillation_trains_on_the_teachers_grades_alone(tmp_path, teacher
     before = load_file(resolve_model("tiny-random") / "model.safetensors")
     after = load_file(run / "checkpoints" / "step-2" / "model.safetensors")
     assert all(not torch.equal(before[name], after[name]) for name in before)
+    # aha eval on it needs a grader named: the run has none
+    from rl.evaluate import run_eval
+
+    with pytest.raises(ConfigError, match="rewards: none to grade with"):
+        run_eval(str(run), ["arithmetic"], limit=1, progress=False)
+    results = run_eval(str(run), ["arithmetic"], limit=1, overrides=[DIGITS], progress=False)
+    assert 0 <= results["arithmetic"]["accuracy"] <= 1
 
 
 def test_distillation_with_a_rule_reward_and_mini_batches(tmp_path, teacher_folder):
