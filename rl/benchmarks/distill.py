@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rl.benchmarks.distill_report import LABELS, plot, report, rl_curve, sft_curve
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 METHODS = ("grpo", "sft", "opd", "opd_reward")
 
@@ -78,14 +80,27 @@ class Budget:
 # ---------------------------------------------------------------------------------- workers
 
 
-def rl_worker(config, budget: Budget) -> None:
+def rl_worker(config, budget: Budget, base_eval: dict | None = None) -> None:
     """``aha train`` in this process (rl.run.train: the run folder, checkpoints, held-out
     evaluations every ``data.eval_every`` steps), each training step measured: its CPU and wall
     seconds go into metrics.jsonl as ``bench/cpu_s`` and ``bench/wall_s``, and once the budget
     is spent that step becomes the run's last (checkpoint and final evaluation follow, not
-    counted)."""
+    counted). ``base_eval``: the base model's evaluation (the GRPO run's ``eval/*`` before
+    training), logged as this run's instead of evaluating the same model again (minutes)."""
+    import rl.run
     import rl.trainer
     from rl.run import train
+
+    evaluate = rl.run._evaluate
+
+    def evaluate_once(trainer, prompts, run_dir, when, tracker=None):
+        if base_eval is None or when != "before training":
+            return evaluate(trainer, prompts, run_dir, when, tracker)
+        rl.run._append_json(run_dir / "metrics.jsonl", {"step": trainer.step, **base_eval})
+        print(f"  held-out accuracy {when}: {base_eval['eval/accuracy']:.3f} (the GRPO run's)")
+        return {k.removeprefix("eval/"): v for k, v in base_eval.items()}
+
+    rl.run._evaluate = evaluate_once
 
     step = rl.trainer.train_step
 
@@ -103,7 +118,7 @@ def rl_worker(config, budget: Budget) -> None:
     try:
         train(config, progress=False)
     finally:
-        rl.trainer.train_step = step
+        rl.trainer.train_step, rl.run._evaluate = step, evaluate
 
 
 def sft_worker(config, teacher: str, run_dir: Path, budget: Budget, points: int) -> None:
@@ -193,54 +208,12 @@ def evaluate_checkpoints(config, checkpoints: dict[int, Path]) -> dict[int, floa
         sampling = eval_sampling(config.rollout, n)
         result = evaluate(engine, prompts, rewards, sampling, n, config.rollout.batch_size)
         out[step] = result.metrics["accuracy"]
-        print(f"  sft step {step}: held-out accuracy {out[step]:.3f}", flush=True)
+        print(f"  {checkpoint}: held-out accuracy {out[step]:.3f}", flush=True)
     engine.close()
     return out
 
 
-# ---------------------------------------------------------------------------------- curves
-
-
-def rl_curve(run_dir: Path) -> list[dict[str, float]]:
-    """(CPU s, wall s, accuracy) at each held-out evaluation of an RL run, the seconds being
-    its measured training steps' up to that evaluation (``bench/cpu_s``, ``bench/wall_s``)."""
-    from rl.jsonl import read_jsonl
-
-    cpu = wall = 0.0
-    points = []
-    for line in read_jsonl(run_dir / "metrics.jsonl"):
-        if "bench/cpu_s" in line:
-            cpu, wall = cpu + line["bench/cpu_s"], wall + line["bench/wall_s"]
-        if "eval/accuracy" in line:
-            points.append(
-                {
-                    "step": line["step"],
-                    "cpu_s": cpu,
-                    "wall_s": wall,
-                    "accuracy": line["eval/accuracy"],
-                }
-            )
-    return points
-
-
-def first_reaching(points: list[dict[str, float]], target: float, kind: str) -> float | None:
-    """The seconds (``kind``: cpu or wall) of the first point at or above ``target``."""
-    return next((p[f"{kind}_s"] for p in points if p["accuracy"] >= target), None)
-
-
-def sft_curve(run_dir: Path) -> list[dict[str, float]]:
-    timeline = json.loads((run_dir / "timeline.json").read_text())
-    return timeline["points"]
-
-
 # ---------------------------------------------------------------------------------- the runs
-
-LABELS = {
-    "grpo": "GRPO alone (the main job)",
-    "sft": "rejection-sampling SFT",
-    "opd": "on-policy distillation",
-    "opd_reward": "on-policy distillation + rule reward",
-}
 
 
 def run_child(method: str, run_dir: Path, options: list[str], log: Path) -> dict[str, float]:
@@ -265,66 +238,23 @@ def run_child(method: str, run_dir: Path, options: list[str], log: Path) -> dict
     return {"process_cpu_s": cpu, "process_wall_s": time.perf_counter() - clock}
 
 
-def minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f}"
+def evaluate_teacher_checkpoints(
+    teacher: Path, copies: list[Path], root: Path, common: list[str], as_options: list[str]
+) -> dict[int, float]:
+    """Held-out accuracy of the teacher run's checkpoints (its own and ``copies``) at the steps
+    its metrics have no evaluation for, in a child process; by step."""
+    from rl.checkpoint import checkpoint_dirs, checkpoint_step
+    from rl.jsonl import read_jsonl
 
-
-def report(results: dict, kind: str) -> str:
-    """The markdown tables: one line per run, then every point of the curves."""
-    teacher, target = results["teacher_accuracy"], results["target"]
-    lines = [
-        f"Teacher (the GRPO run's final evaluation): {teacher:.3f}; 90% of it: {target:.3f}. "
-        f"Budget: {minutes(results['budget_s'])} {kind.upper()}-minutes of training steps.",
-        "",
-        "| run | held-out accuracy at the end | 90% of the teacher reached at (CPU-min) "
-        "| (wall-min) | training CPU-min | training wall-min | process CPU-min (all) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, run in results["runs"].items():
-        points = run["points"]
-        end = points[-1] if points else {}
-        lines.append(
-            f"| {LABELS[method]} | {end.get('accuracy', float('nan')):.3f} "
-            f"| {minutes(first_reaching(points, target, 'cpu'))} "
-            f"| {minutes(first_reaching(points, target, 'wall'))} "
-            f"| {minutes(end.get('cpu_s'))} | {minutes(end.get('wall_s'))} "
-            f"| {minutes(run.get('process_cpu_s'))} |"
-        )
-    lines += [
-        "",
-        "| run | step | CPU-min | wall-min | held-out accuracy |",
-        "|---|---|---|---|---|",
-    ]
-    for method, run in results["runs"].items():
-        for p in run["points"]:
-            lines.append(
-                f"| {method} | {p['step']} | {p['cpu_s'] / 60:.1f} | {p['wall_s'] / 60:.1f} "
-                f"| {p['accuracy']:.3f} |"
-            )
-    return "\n".join(lines)
-
-
-def plot(results: dict, kind: str, path: Path) -> None:
-    """Held-out accuracy against the training minutes (``kind``), the teacher's and 90% of it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for method, run in results["runs"].items():
-        points = run["points"]
-        x = [p[f"{kind}_s"] / 60 for p in points]
-        axes.plot(x, [p["accuracy"] for p in points], marker="o", label=LABELS[method])
-    axes.axhline(results["teacher_accuracy"], color="black", linewidth=1, label="teacher")
-    axes.axhline(results["target"], color="gray", linestyle="--", linewidth=1, label="90% of it")
-    axes.set_xlabel(f"training {'CPU' if kind == 'cpu' else 'wall-clock'} minutes")
-    axes.set_ylabel("held-out accuracy (pass@1)")
-    axes.set_title(f"{results['model']} student, its GRPO run as teacher")
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    evaluated = {x["step"] for x in read_jsonl(teacher / "metrics.jsonl") if "eval/accuracy" in x}
+    found = {checkpoint_step(c): c for c in [*checkpoint_dirs(teacher), *copies]}
+    todo = {step: path for step, path in sorted(found.items()) if step not in evaluated}
+    if not todo:
+        return {}
+    out = root / "grpo-checkpoints"
+    checkpoints = [f"--checkpoint={path}" for path in todo.values()]
+    run_child("evaluate", out, [*common, *as_options, *checkpoints], root / "grpo-checkpoints.log")
+    return {int(k): v for k, v in json.loads((out / "accuracy.json").read_text()).items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -334,7 +264,20 @@ def main(argv: list[str] | None = None) -> dict:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-cpu-minutes", type=float, help="CPU minutes of training each")
     budget.add_argument("--budget-minutes", type=float, help="wall minutes of training each")
-    parser.add_argument("--teacher", type=Path, help="a GRPO run of this benchmark (skips it)")
+    budget.add_argument(
+        "--budget-fraction", type=float, default=1.0, help="else this share of GRPO's time"
+    )
+    parser.add_argument(
+        "--teacher", type=Path, help="a GRPO run (of this benchmark, or `aha train`): skips it"
+    )
+    parser.add_argument(
+        "--teacher-checkpoints",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more step-N checkpoints of the teacher's run (copies: its keep_checkpoints "
+        "pruned them), evaluated for GRPO's curve at steps it did not evaluate",
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--run-root", type=Path, default=None, help="default: runs/distill-<time>")
     parser.add_argument("--eval-every", type=int, default=4, help="GRPO: steps between evals")
@@ -357,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     as_options = [f"--set={s}" for s in sets]
 
     from rl.config import load_config
+    from rl.jsonl import read_jsonl
 
     model = load_config(config, [a.removeprefix("--set=") for a in as_options]).model.name
     results: dict = {"kind": kind, "config": str(config), "model": model, "overrides": sets}
@@ -368,14 +312,24 @@ def main(argv: list[str] | None = None) -> dict:
         results["runs"]["grpo"] = run
     results["runs"].setdefault("grpo", {})["points"] = rl_curve(teacher)
     grpo = results["runs"]["grpo"]["points"]
-    start = grpo[0]  # the base model's evaluation: every student starts there
     results["teacher_accuracy"] = grpo[-1]["accuracy"]
     results["target"] = 0.9 * results["teacher_accuracy"]
-    budget_s = chosen * 60 if chosen is not None else grpo[-1][f"{kind}_s"]
+    if chosen is None and grpo[-1][f"{kind}_s"] is None:  # a run aha train made: no CPU times
+        print("The teacher's run has no CPU times (not this benchmark's): wall budgets", flush=True)
+        kind = results["kind"] = "wall"
+        common = ["--config", str(config), "--budget-kind", kind]
+    results["budget_fraction"] = 1.0 if chosen is not None else args.budget_fraction
+    budget_s = chosen * 60 if chosen is not None else args.budget_fraction * grpo[-1][f"{kind}_s"]
     results["budget_s"] = budget_s
 
+    # every student starts as the base model, whose evaluation the GRPO run logged first
+    start = grpo[0]
+    base_eval = next(x for x in read_jsonl(teacher / "metrics.jsonl") if "eval/accuracy" in x)
+    base_eval = {k: v for k, v in base_eval.items() if k.startswith("eval/")}
+    (root / "base-eval.json").write_text(json.dumps(base_eval))
     student = [*common, "--budget-s", str(budget_s), "--teacher", str(teacher), *as_options]
     every = [f"--set=data.eval_every={args.student_eval_every}"]
+    every.append(f"--base-eval={root / 'base-eval.json'}")
     samples, prompts = args.samples or (2 if args.quick else 4), args.max_prompts
     prompts = prompts or (4 if args.quick else 64)
     sft = [f"--set=distill.samples={samples}", f"--set=distill.max_prompts={prompts}"]
@@ -390,8 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     for method in [m for m in args.methods if m != "grpo"]:
         run_dir = root / method
         run = run_child(method, run_dir, [*student, *options[method]], root / f"{method}.log")
-        if method == "sft":  # the base model's evaluation (the GRPO run's first), still the
-            # student's when the teacher's traces are ready
+        if method == "sft":  # the base model's evaluation, still the student's when the
+            # teacher's traces are ready
             generation = json.loads((run_dir / "timeline.json").read_text()).get("generation", {})
             base = [{**start, "step": 0, "cpu_s": 0.0, "wall_s": 0.0}]
             if generation:
@@ -399,31 +353,46 @@ def main(argv: list[str] | None = None) -> dict:
                     {**base[0], "cpu_s": generation["cpu_s"], "wall_s": generation["wall_s"]}
                 )
             run["points"] = [*base, *sft_curve(run_dir)]
-        else:  # each RL run evaluates the base model itself first
+        else:
             run["points"] = rl_curve(run_dir)
         results["runs"][method] = run
-        (root / "distill.json").write_text(json.dumps(results, indent=2))
+        write_report(results, kind, root)
 
-    text = report(results, kind)
+    if args.teacher is not None:  # its checkpoints at steps it did not evaluate, last: the
+        # students' runs above need only its final accuracy and time
+        more = evaluate_teacher_checkpoints(
+            teacher, args.teacher_checkpoints, root, common, as_options
+        )
+        results["runs"]["grpo"]["points"] = rl_curve(teacher, more)
+    text = write_report(results, kind, root)
     print("\n" + text, flush=True)
-    (root / "distill.md").write_text(text + "\n")
-    (root / "distill.json").write_text(json.dumps(results, indent=2))
-    plot(results, kind, root / "distill.png")
     print(f"\nPlot: {root / 'distill.png'}", flush=True)
     return results
 
 
+def write_report(results: dict, kind: str, root: Path) -> str:
+    """ROOT/distill.{md,json,png} from the runs so far."""
+    text = report(results, kind)
+    (root / "distill.md").write_text(text + "\n")
+    (root / "distill.json").write_text(json.dumps(results, indent=2))
+    plot(results, kind, root / "distill.png")
+    return text
+
+
 def worker_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m rl.benchmarks.distill worker")
-    parser.add_argument("method", choices=METHODS)
+    parser.add_argument("method", choices=[*METHODS, "evaluate"])
     parser.add_argument("--config", type=Path, default=CONFIGS / "default.yaml")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--budget-kind", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--budget-s", type=float, default=None)
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--points", type=int, default=6, help="sft: evaluations in the budget")
+    parser.add_argument("--checkpoint", action="append", type=Path, default=[], help="evaluate")
+    parser.add_argument("--base-eval", type=Path, help="RL: the base model's eval/* (JSON)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    from rl.checkpoint import checkpoint_step
     from rl.config import load_config
 
     budget = Budget(args.budget_kind, args.budget_s)
@@ -434,11 +403,16 @@ def worker_main(argv: list[str]) -> None:
     if args.method == "opd":  # pure distillation: the rewards grade (evaluation), never train
         for reward in config.rewards:
             reward.weight = 0.0
-    if args.method == "sft":
+    if args.method == "evaluate":  # checkpoints of a run, by the main job's evaluation
+        accuracy = evaluate_checkpoints(config, {checkpoint_step(c): c for c in args.checkpoint})
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        (args.run_dir / "accuracy.json").write_text(json.dumps(accuracy, indent=2))
+    elif args.method == "sft":
         config.train.steps = 10_000  # until the budget is spent
         sft_worker(config, args.teacher, args.run_dir, budget, args.points)
     else:
-        rl_worker(config, budget)
+        base_eval = json.loads(args.base_eval.read_text()) if args.base_eval else None
+        rl_worker(config, budget, base_eval)
 
 
 if __name__ == "__main__":
