@@ -19,7 +19,7 @@ class TokenBatch:
     input_ids: torch.Tensor  # [B, P+T]
     attention_mask: torch.Tensor  # [B, P+T]
     completion_mask: torch.Tensor  # [B, T] 1 on completion tokens
-    advantages: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B], or [B, T] per token
     sampler_logps: torch.Tensor | None  # [B, T] the rollout engine's, 0 where masked
     prompt_width: int
     # Filled by the trainer before the first update, once per generation batch, when needed:
@@ -29,6 +29,7 @@ class TokenBatch:
     # Mixture of experts: the sampler's experts for each token and layer, [B, P+T, L, K] int16,
     # -1 where not known (padding, each completion's last token); None for dense policies
     routed_experts: torch.Tensor | None = None
+    teacher_logps: torch.Tensor | None = None  # [B, T] on-policy distillation's teacher
 
     @property
     def completion_width(self) -> int:
@@ -50,7 +51,7 @@ class TokenBatch:
             input_ids=self.input_ids[rows, cut_left:end],
             attention_mask=attention[:, cut_left:end],
             completion_mask=completion_mask[:, :keep_right],
-            advantages=self.advantages[rows],
+            advantages=_advantage_rows(self.advantages, rows, keep_right),
             sampler_logps=_rows(self.sampler_logps, rows, keep_right),
             prompt_width=self.prompt_width - cut_left,
             old_logps=_rows(self.old_logps, rows, keep_right),
@@ -59,14 +60,18 @@ class TokenBatch:
             routed_experts=(
                 None if self.routed_experts is None else self.routed_experts[rows, cut_left:end]
             ),
+            teacher_logps=_rows(self.teacher_logps, rows, keep_right),
         )
 
 
-def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``. To a GPU it goes from pinned memory without waiting: torch's
-    plain copy from pageable memory synchronises the stream, so each input of a micro-batch
-    would wait for the previous micro-batch's backward to finish before the host could queue
-    the next forward. (The pinned block is not reused before its copy has run.)"""
+def on_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A host tensor on ``device`` (None stays None). To a GPU it goes from pinned memory
+    without waiting: torch's plain copy from pageable memory synchronises the stream, so each
+    input of a micro-batch would wait for the previous micro-batch's backward to finish before
+    the host could queue the next forward. (The pinned block is not reused before its copy has
+    run.)"""
+    if tensor is None:
+        return None
     if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -74,6 +79,10 @@ def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _rows(values: torch.Tensor | None, rows: torch.Tensor, width: int) -> torch.Tensor | None:
     return None if values is None else values[rows, :width]
+
+
+def _advantage_rows(advantages: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    return advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
 
 
 def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> TokenBatch:

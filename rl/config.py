@@ -173,6 +173,15 @@ class AlgorithmConfig:
     # per completion: "zero" scores it 0 for the batch and counts it in reward/<name>/errors;
     # "stop" ends the run with one line naming reward and row.
     reward_error_policy: Literal["zero", "stop"] = "zero"
+    # On-policy distillation (docs/distillation.md): a frozen teacher scores every token the
+    # student sampled, and the token's advantage gets -teacher_coef * (logp_student -
+    # logp_teacher), the per-token reverse KL (Thinking Machines 2025), both log-probs at
+    # rollout.temperature. A model name or folder, a run folder (its newest checkpoint), or a
+    # vLLM server's URL (its prompt log-probs, which are untempered: rollout.temperature must be
+    # 1). Its tokenizer must be the student's. With `rewards: []` it is pure distillation.
+    teacher: str | None = None
+    teacher_coef: float = 1.0  # weight of the teacher's per-token term beside the group advantage
+    teacher_advantage: str = "reverse_kl"  # how the teacher's log-probs enter the advantage
 
 
 @dataclass
@@ -255,7 +264,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # Reward functions summed with their weights; the first is the eval accuracy's grader.
+    # Reward functions summed with their weights; the first is the eval accuracy's grader. Empty
+    # only with algorithm.teacher (pure distillation; a reward of weight 0 grades without training).
     rewards: list[RewardSpec] = field(
         default_factory=lambda: [RewardSpec("math", 1.0), RewardSpec("format", 0.2)]
     )
@@ -585,9 +595,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.learning_rate: must be > 0, got {config.train.learning_rate}")
     if len(config.train.adam_betas) != 2:
         raise ConfigError(f"train.adam_betas: expected two numbers, got {config.train.adam_betas}")
-    if not config.rewards:
-        raise ConfigError("rewards: at least one reward is needed")
+    if not config.rewards and not config.algorithm.teacher:
+        raise ConfigError(
+            "rewards: at least one reward is needed (none only with algorithm.teacher: pure "
+            "distillation)"
+        )
     _validate_algorithm(config)
+    _validate_teacher(config)
     _validate_distill(config.distill)
     from rl import algorithms  # registries; cheap, but imports torch
 
@@ -596,6 +610,7 @@ def validate(config: Config) -> None:
         ("algorithm.policy_loss", algorithms.POLICY_LOSSES),
         ("algorithm.loss_aggregation", algorithms.LOSS_AGGREGATIONS),
         ("algorithm.sampler_correction", algorithms.SAMPLER_CORRECTIONS),
+        ("algorithm.teacher_advantage", algorithms.TEACHER_ADVANTAGES),
     ):
         name = getattr(config.algorithm, key.split(".")[1])
         if key == "algorithm.sampler_correction" and name == "none":
@@ -645,6 +660,36 @@ def _validate_algorithm(config: Config) -> None:
         raise ConfigError(
             f"train.mini_batch_size: must be 0 (the whole batch) or divide the generation batch "
             f"prompts_per_step * group_size = {generation_batch}, got {train.mini_batch_size}"
+        )
+
+
+def _validate_teacher(config: Config) -> None:
+    """On-policy distillation's keys, and what does not go with it."""
+    algorithm = config.algorithm
+    if not algorithm.teacher:
+        return
+    if not (algorithm.teacher_coef > 0 and algorithm.teacher_coef < float("inf")):
+        raise ConfigError(
+            f"algorithm.teacher_coef: must be a number > 0 with a teacher, got "
+            f"{algorithm.teacher_coef}"
+        )
+    if algorithm.dynamic_sampling:
+        raise ConfigError(
+            "algorithm.dynamic_sampling: it drops the groups whose rewards are all equal, but with "
+            "a teacher those still carry its per-token advantages; turn one of them off"
+        )
+    if not config.rewards and config.data.eval_size > 0:
+        raise ConfigError(
+            "data.eval_size: the held-out evaluation grades with the first reward and rewards is "
+            "empty; add one with weight 0 (it grades, the training ignores it) or set "
+            "data.eval_size=0"
+        )
+    if algorithm.teacher.startswith(("http://", "https://")) and config.rollout.temperature != 1:
+        raise ConfigError(
+            f"algorithm.teacher: a vLLM server's prompt log-probs are the untempered model's, and "
+            f"the student's are at rollout.temperature={config.rollout.temperature:g}; the reverse "
+            "KL compares both at one temperature: sample at rollout.temperature=1, or load the "
+            "teacher here (a model or run folder)"
         )
 
 

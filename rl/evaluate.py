@@ -211,6 +211,11 @@ def run_eval(
         default_out = Path("evals") / f"{target_path.name or target}-{datetime.now():%Y%m%d-%H%M%S}"
     setup.quiet_transformers()
     rewards = setup.build_rewards(config)
+    if not rewards:  # a pure on-policy distillation run trains without any
+        raise ConfigError(
+            "rewards: none to grade with (the run learns from its teacher alone); name the "
+            "grader, e.g. aha eval RUN_DIR --dataset arithmetic 'rewards=[{name: math}]'"
+        )
     model, tokenizer, model_folder = setup.load_frozen_policy(config, checkpoint)
     engine = setup.frozen_engine(config, model, tokenizer, model_folder)
     sampling = eval_sampling(config.rollout, n, temperature)

@@ -4,7 +4,7 @@ The training step (``rl/trainer.py``) never asks which scheme runs. It calls its
 few things that differ between them:
 
 - ``prepare``: the policy (and reference) as the scheme holds them: as given, sharded by
-  FSDP2, or handed to DeepSpeed's engine;
+  FSDP2, or handed to DeepSpeed's engine; ``prepare_frozen`` a teacher, as the reference;
 - ``zero_grad``, ``before_forward``, ``backward``: around each micro-batch of an optimizer step;
 - ``clip_and_step``: the gradients summed over the ranks, clipped to ``train.max_grad_norm`` and
   applied, unless the step's loss or gradient norm is not finite (then the step is skipped:
@@ -71,6 +71,11 @@ class DataParallel:
         """(policy, reference) as this scheme trains them; the policy returned is always the
         model itself, never a wrapper."""
         return model, ref_model
+
+    def prepare_frozen(self, model):
+        """A frozen model that only scores (on-policy distillation's teacher), held as this
+        scheme holds the reference: as given here."""
+        return model
 
     def logps_chunk_tokens(self, configured: int) -> int:
         """``train.logps_chunk_tokens`` as this scheme can run it."""

@@ -11,6 +11,7 @@ import torch
 
 from rl.config import Config, ConfigError, resolve_device_defaults
 from rl.data import load_prompts, required_columns
+from rl.distill.on_policy import build_teacher
 from rl.distributed import Distributed, broadcast_parameters
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.perf import keep_freed_memory
@@ -287,6 +288,8 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         micro_batch_size=config.train.micro_batch_size,
         max_grad_norm=config.train.max_grad_norm,
     )
+    # on-policy distillation: the frozen teacher beside the reference, held the same way
+    teacher = build_teacher(config, tokenizer, train_prompts, device, scheme)
     r = config.rollout
     sampling = SamplingSettings(
         temperature=r.temperature,
@@ -315,5 +318,6 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
         engine_model=engine_model,
         scheme=scheme,
         moe=routing,
+        teacher=teacher,
     )
     return Parts(trainer, train_prompts, eval_prompts)

@@ -90,7 +90,6 @@ class FSDP2(DataParallel):
         wrapper adds nothing aha uses), so the LR scheduler built on it keeps working. The
         reduce-scatter after each backward sums the ranks' gradients instead of averaging them
         (each rank's loss is its share of the global loss), in float32."""
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
         from torch.distributed.fsdp import FSDPModule
 
         # aha never changes a module's output in place (the hazard this warns of), and the
@@ -106,8 +105,14 @@ class FSDP2(DataParallel):
                 # a plain SUM: otherwise a factor is a PREMUL_SUM, which gloo lacks
                 module.set_force_sum_reduction_for_comms(True)
         if ref_model is not None:  # the frozen reference: sharded the same way, no optimizer
-            ref_model = fsdp2_prepare_model(accelerator, ref_model)
+            ref_model = self.prepare_frozen(ref_model)
         return model, ref_model
+
+    def prepare_frozen(self, model):
+        """Sharded as the policy, no optimizer (the reference, a teacher)."""
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(self.dist.accelerator, model)
 
     def clip_and_step(self, optimizer, parameters, max_norm: float, discard: bool) -> Update:
         # the gradients were summed by the reduce-scatter; the norm is over all ranks' shards

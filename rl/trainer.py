@@ -24,6 +24,7 @@ from rl.batch import (
     on_device,
 )
 from rl.config import Config
+from rl.distill.on_policy import with_teacher_logps
 from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics
 from rl.metrics import Metrics
 from rl.schemes import DataParallel, choose
@@ -55,6 +56,7 @@ class Trainer:
     # Optimizer steps in a row skipped for a non-finite loss or gradient norm
     nonfinite_in_a_row: int = 0
     moe: Any | None = None  # a mixture-of-experts policy's router patch (rl/moe/routing.py)
+    teacher: Any | None = None  # on-policy distillation's (rl/distill/on_policy.py); None: none
 
     def __post_init__(self) -> None:
         if self.scheme is None:
@@ -227,7 +229,7 @@ def policy_update(
     Old log-probs: exactly on-policy (one epoch, one mini-batch) they equal the current ones, so
     they are not computed (the current ones, detached, are used: ratio 1, the clipped loss is the
     policy gradient). Otherwise they are computed once, before the first update, or taken from
-    the sampler when ``algorithm.old_logps == "sampler"``. Reference log-probs likewise once.
+    the sampler when ``algorithm.old_logps == "sampler"``. Reference (and teacher) log-probs once.
     """
     config, algorithm = trainer.config, trainer.config.algorithm
     timings = {} if timings is None else timings
@@ -261,6 +263,7 @@ def policy_update(
         clock = time.perf_counter()
         batch = replace(batch, ref_logps=reference_logps(trainer, batch))
         timings["timing_s/ref"] = time.perf_counter() - clock
+    batch = with_teacher_logps(trainer, batch, timings)  # unchanged without a teacher
 
     clock = time.perf_counter()
     metrics, trained_tokens = Metrics(), 0
@@ -381,6 +384,9 @@ def optimizer_step(trainer: Trainer, batch: TokenBatch, metrics: Metrics) -> int
             beta=algorithm.beta,
             ref_logps=None if micro.ref_logps is None else on_device(micro.ref_logps, device),
             kl_estimator=algorithm.kl_estimator,
+            teacher_logps=on_device(micro.teacher_logps, device),
+            teacher_coef=algorithm.teacher_coef,
+            teacher_advantage=algorithm.teacher_advantage,
         )
         if trainer.moe:  # algorithm.router_aux_loss_coef's load balancing: this micro-batch's share
             loss = loss + weight * trainer.moe.aux_loss()

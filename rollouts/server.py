@@ -240,6 +240,80 @@ def buckets(
         yield bucket
 
 
+# ------------------------------------------------------------------ a teacher's scores
+
+
+def served_model(base_url: str) -> str:
+    """The model id the server answers to (its first)."""
+    return _request(f"{base_url.rstrip('/')}/v1/models")["data"][0]["id"]
+
+
+def prompt_logprobs(
+    base_url: str,
+    model: str,
+    sequences: list[list[int]],
+    starts: list[int],
+    per_request: int = 64,
+) -> list[list[float]]:
+    """The server's log-prob of each token of ``sequences[i]`` from ``starts[i]`` on, given the
+    tokens before it: on-policy distillation's teacher scoring a student's completions (the
+    prompt and completion ids as one prompt). vLLM's ``prompt_logprobs`` (``0``: the token's
+    own only) come from the raw logits, whatever ``--logprobs-mode``: temperature 1. One
+    generated token per sequence is asked for and ignored."""
+    base_url = base_url.rstrip("/")
+    out = []
+    for first in range(0, len(sequences), per_request):
+        chunk = sequences[first : first + per_request]
+        payload = {
+            "model": model,
+            "prompt": [list(ids) for ids in chunk],
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "prompt_logprobs": 0,
+        }
+        choices = sorted(
+            _request(f"{base_url}/v1/completions", payload)["choices"], key=lambda c: c["index"]
+        )
+        if len(choices) != len(chunk):
+            raise ServerError(f"asked to score {len(chunk)} sequences, got {len(choices)}")
+        for ids, start, choice in zip(
+            chunk, starts[first : first + per_request], choices, strict=True
+        ):
+            scores = choice.get("prompt_logprobs")
+            if scores is None or len(scores) != len(ids):
+                raise ServerError(
+                    "the server returned no prompt log-probs for a sequence (is it vLLM?)"
+                )
+            out.append([float(scores[k][str(ids[k])]["logprob"]) for k in range(start, len(ids))])
+    return out
+
+
+def tokenize_on_server(base_url: str, prompts: list[Prompt], tokenizer) -> list[list[int]]:
+    """Each prompt's messages as the server's tokenizer and chat template render them (its
+    ``/tokenize`` endpoint), with the response prefix: to compare with ``prompt.ids``. The
+    student's end-of-sequence token is checked to be one token of the same id there."""
+    base_url = base_url.rstrip("/")
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt.messages, str):
+            request = {"prompt": prompt.messages, "add_special_tokens": False}
+        else:
+            request = {"messages": prompt.messages, "add_generation_prompt": True}
+        ids = _request(f"{base_url}/tokenize", request)["tokens"]
+        if prompt.response_prefix:
+            prefix = {"prompt": prompt.response_prefix, "add_special_tokens": False}
+            ids = [*ids, *_request(f"{base_url}/tokenize", prefix)["tokens"]]
+        out.append(list(ids))
+    eos = {"prompt": tokenizer.eos_token, "add_special_tokens": False}
+    served_eos = _request(f"{base_url}/tokenize", eos)["tokens"]
+    if served_eos != [tokenizer.eos_token_id]:
+        raise ServerError(
+            f"the server tokenizes the student's end-of-sequence token {tokenizer.eos_token!r} as "
+            f"{served_eos}, not [{tokenizer.eos_token_id}]: not the student's tokenizer"
+        )
+    return out
+
+
 def _default_sync_dir() -> Path:
     from rl.models import cache_dir
 

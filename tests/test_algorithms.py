@@ -268,7 +268,9 @@ def test_lora_reference_is_the_base_with_adapters_disabled():
         prompt_width=5,
     )
     config = load_config(None, ["model.name=tiny-random", "train.micro_batch_size=1"])
-    trainer = SimpleNamespace(config=config, model=model, ref_model=None, scheme=DataParallel())
+    trainer = SimpleNamespace(
+        config=config, model=model, ref_model=None, scheme=DataParallel(), moe=None, teacher=None
+    )
     ref = reference_logps(trainer, batch)
     # The base model through the same function, on the same shapes: the same kernels in the same
     # order, so the same bits (peft's disabled adapter calls the base layer and nothing else).

@@ -68,6 +68,10 @@ ALGORITHMS = {
         "model.lora.enabled=true",
         "algorithm.beta=0.05",
     ],
+    "distill": [  # on-policy distillation: a teacher beside the rewards (see overrides)
+        "algorithm.loss_aggregation=token_mean",
+        "algorithm.teacher_coef=0.5",
+    ],
 }
 
 # ------------------------------------------------------------------ tolerances
@@ -106,6 +110,12 @@ METRIC_TOLERANCE = {  # name: (relative, absolute)
     "reward/mean": (0.0, 0.0),
     "tokens": (0.0, 0.0),
     "clip_ratio/low": (0.0, 0.0),
+    # On-policy distillation's means over the step's tokens of log-probs (the teacher's, and the
+    # student's minus the teacher's): each log-prob, student's or teacher's (a perturbed copy,
+    # logits up to 3.4), is within LOGP_TOLERANCE of the other run's, so a mean of differences
+    # within twice that, absolute (it cancels: no relative bound).
+    "distill/teacher_logp": (0.0, 2 * LOGP_TOLERANCE),
+    "distill/reverse_kl": (0.0, 2 * LOGP_TOLERANCE),
 }
 assert 2 * worst_error(METRIC_TERMS) < METRIC_TOLERANCE["entropy"][0]
 assert 2 * probable_error(GRADIENT_TERMS) * CANCELLATION < METRIC_TOLERANCE["grad_norm"][0]
@@ -182,7 +192,13 @@ class FixedEngine:
 
 
 def overrides(tmp_path, algorithm):
+    teacher = []
+    if algorithm == "distill":  # a frozen teacher that disagrees with the student
+        from test_distill_on_policy import make_teacher
+
+        teacher = [f"algorithm.teacher={make_teacher(tmp_path / 'teacher')}"]
     return [
+        *teacher,
         f"run_dir={tmp_path / 'run'}",
         f"rewards=[{{name: '{FIXTURES / 'plugin_rewards.py'}:digit_count', weight: 1.0}}]",
         "train.prompts_per_step=4",
@@ -331,6 +347,9 @@ def spawn_two(worker, *args) -> None:
         ("zero2", "dapo_batch_scaled_kl", True),
         ("zero3", "dapo_batch_scaled_kl", True),
         ("zero2", "grpo_lora_kl", True),
+        # the teacher sharded as the reference (FSDP2), or whole on each rank (ZeRO-3)
+        ("fsdp2", "distill", False),
+        ("zero3", "distill", False),
     ],
 )
 def test_two_processes_train_exactly_what_one_process_trains(tmp_path, sharding, algorithm, reload):

@@ -113,6 +113,32 @@ def test_generation_round_trip(server, tiny_tokenizer, prompts):
             assert rollout.completion_ids[-1] == tiny_tokenizer.eos_token_id
 
 
+def test_a_teacher_on_the_server_scores_as_the_trainer_does(server, tiny_tokenizer, tiny_folder):
+    """On-policy distillation's server teacher (before any test changes the server's weights):
+    its /tokenize renders the chat prompts as the student's ids, and vLLM's prompt log-probs of
+    prompt + completion, cut at each completion, are the trainer's at temperature 1."""
+    from rl.distill.on_policy import ServerTeacher
+    from rollouts.server import ServerEngine, served_model, tokenize_on_server
+
+    prompts = []
+    for index, question in enumerate(["What is 7 + 5?", "Ana has 3 apples and gets 4."]):
+        messages = [{"role": "user", "content": question}]
+        ids = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        prompts.append(Prompt(index, messages, list(ids), {}))
+    assert tokenize_on_server(server, prompts, tiny_tokenizer) == [p.ids for p in prompts]
+    engine = ServerEngine(server, tiny_tokenizer, mode="frozen")
+    rollouts = engine.generate(prompts, 2, SamplingSettings(temperature=1.0, max_tokens=12))
+    batch = collate(rollouts, tiny_tokenizer.pad_token_id)
+    served = ServerTeacher(server, served_model(server)).logps(None, batch)
+    model = load_policy(tiny_folder, "float32").eval()
+    with torch.no_grad():
+        logps, _ = completion_logps(model, batch, 1.0)
+    mask = batch.completion_mask.bool()
+    assert float((served - logps).abs()[mask].max()) < LOGP_TOLERANCE
+    assert served[~mask].abs().sum() == 0
+
+
 def test_weight_update_round_trip_by_reload(server, tiny_tokenizer, prompts, tiny_folder, tmp_path):
     from rollouts.server import ServerEngine
 

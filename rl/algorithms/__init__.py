@@ -8,6 +8,7 @@ other processes.
     losses.py       per-token policy losses (clip with dual clip, gspo, cispo) and KL k1/k2/k3
     aggregation.py  per-token loss [B, T] -> this micro-batch's share of the batch loss
     sampling.py     the sampler/trainer importance-sampling correction and DAPO's group filter
+    distill.py      on-policy distillation: the teacher's per-token term of the advantage
     objective.py    the per-micro-batch loss composed from the above
 
 Variants are added with the ``register_*`` decorators; a config names the key, and an unknown
@@ -26,6 +27,7 @@ from rl.algorithms.aggregation import (  # noqa: E402
     token_mean,
     token_sum_norm,
 )
+from rl.algorithms.distill import reverse_kl_advantages  # noqa: E402
 from rl.algorithms.losses import (  # noqa: E402
     cispo_policy_loss,
     clipped_policy_loss,
@@ -41,12 +43,15 @@ from rl.algorithms.registry import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     SAMPLER_CORRECTIONS,
+    TEACHER_ADVANTAGES,
     masked_mean,
+    per_token,
     register_advantage,
     register_kl_estimator,
     register_loss_aggregation,
     register_policy_loss,
     register_sampler_correction,
+    register_teacher_advantage,
 )
 from rl.algorithms.sampling import (  # noqa: E402
     informative_groups,
@@ -63,6 +68,7 @@ __all__ = [
     "POLICY_LOSSES",
     "SAMPLER_CORRECTIONS",
     "STD_EPS",
+    "TEACHER_ADVANTAGES",
     "bnpo",
     "cispo_policy_loss",
     "clipped_policy_loss",
@@ -75,11 +81,14 @@ __all__ = [
     "kl_k3",
     "masked_mean",
     "objective",
+    "per_token",
     "register_advantage",
     "register_kl_estimator",
     "register_loss_aggregation",
     "register_policy_loss",
     "register_sampler_correction",
+    "register_teacher_advantage",
+    "reverse_kl_advantages",
     "rloo_advantages",
     "seq_mean_token_mean",
     "sequence_mask",

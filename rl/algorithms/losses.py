@@ -1,7 +1,8 @@
 """Per-token policy losses and KL estimators.
 
 A policy loss takes the trainer's log-probs (with grad), the old (behaviour) log-probs, the
-advantages and the completion mask, and returns the per-token loss [B, T] (masked and reduced
+advantages (one per sequence [B], or one per token [B, T]: on-policy distillation's) and the
+completion mask, and returns the per-token loss [B, T] (masked and reduced
 later by an aggregation) and detached statistics. All share one keyword signature so the trainer
 calls them alike: ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``.
 """
@@ -12,6 +13,7 @@ import torch
 
 from rl.algorithms.registry import (
     masked_mean,
+    per_token,
     register_kl_estimator,
     register_policy_loss,
 )
@@ -104,10 +106,10 @@ def clipped_policy_loss(
     ratio for every sign of A, which gives the same loss and gradient as dual clip whenever
     c > 1 + eps_high (the positive-A branch is already capped by the clip).
 
-    logps, old_logps, mask: [B, T]; advantages: [B] -> per-token loss [B, T], stats
+    logps, old_logps, mask: [B, T]; advantages: [B] or [B, T] -> per-token loss [B, T], stats
     """
     ratio = torch.exp(logps - old_logps)
-    adv = advantages.unsqueeze(1)
+    adv = per_token(advantages)
     loss = _clipped_surrogate(ratio, adv, epsilon_low, epsilon_high, clip_ratio_c)
     stats = _ratio_stats(
         ratio,
@@ -140,13 +142,25 @@ def gspo_policy_loss(
     ``importance_sampling_level="sequence"``. The paper's ranges are tiny (3e-4, 4e-4) because
     the ratio is a per-token geometric mean. Dual clip, if set, applies to s_i.
 
-    logps, old_logps, mask: [B, T]; advantages: [B] -> per-token loss [B, T], stats
+    Per-token advantages A_{i,t} (on-policy distillation's) take the paper's GSPO-token
+    (eqs. 13-14), whose ratio has the value s_i and the gradient of token t alone:
+
+        s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)]
+        loss_{i,t} = max(-s_{i,t} A_{i,t}, -clip(s_{i,t}, 1 - eps_low, 1 + eps_high) A_{i,t})
+
+    so a sequence is still clipped as a whole (by s_i), and each token is pushed by its own
+    advantage. With every A_{i,t} = A_i its loss and gradient are GSPO's (the paper's remark;
+    the sequence path is kept for [B] advantages, as TRL's ``"sequence"`` level).
+
+    logps, old_logps, mask: [B, T]; advantages: [B] or [B, T] -> per-token loss [B, T], stats
     """
     log_ratio = ((logps - old_logps) * mask).sum(dim=1, keepdim=True) / mask.sum(
         dim=1, keepdim=True
     ).clamp(min=1)
     ratio = torch.exp(log_ratio)  # [B, 1]
-    adv = advantages.unsqueeze(1)
+    adv = per_token(advantages)
+    if advantages.dim() == 2:  # GSPO-token: value s_i, gradient through each token's logp
+        ratio = torch.exp(log_ratio.detach() + logps - logps.detach())  # [B, T]
     loss = _clipped_surrogate(ratio, adv, epsilon_low, epsilon_high, clip_ratio_c)
     stats = _ratio_stats(
         ratio,
@@ -180,11 +194,11 @@ def cispo_policy_loss(
     ``clip_ratio_c`` is ignored. The loss value is not 0 on-policy (it is -A logp), its gradient
     is the policy gradient.
 
-    logps, old_logps, mask: [B, T]; advantages: [B] -> per-token loss [B, T], stats
+    logps, old_logps, mask: [B, T]; advantages: [B] or [B, T] -> per-token loss [B, T], stats
     """
     ratio = torch.exp(logps - old_logps)
     weight = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high).detach()
-    adv = advantages.unsqueeze(1)
+    adv = per_token(advantages)
     loss = -weight * adv * logps
     stats = _ratio_stats(ratio, adv, mask, ratio < 1 - epsilon_low, ratio > 1 + epsilon_high)
     return loss, stats

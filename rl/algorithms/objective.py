@@ -9,6 +9,7 @@ from rl.algorithms.registry import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
+    TEACHER_ADVANTAGES,
     masked_mean,
 )
 
@@ -33,6 +34,9 @@ def objective(
     beta: float = 0.0,
     ref_logps: Tensor | None = None,
     kl_estimator: str = "k3",
+    teacher_logps: Tensor | None = None,
+    teacher_coef: float = 1.0,
+    teacher_advantage: str = "reverse_kl",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the optimisation batch's loss:
 
@@ -41,9 +45,23 @@ def objective(
     The sampler IS weight multiplies the policy term only and the KL term is not reweighted, as
     in TRL 1.16 (``use_bias_correction_kl=False``) and verl.
 
-    logps (with grad), old_logps, mask, ref_logps: [B, T]; advantages: [B];
-    sampler_weights: [B, T] or [B, 1] -> scalar loss, detached stats
+    With ``teacher_logps`` (on-policy distillation) the advantage becomes per token, A + the
+    teacher's term (``teacher_advantage``, reverse_kl: -coef * (old_logps - teacher_logps)),
+    taken against the behaviour log-probs ``old_logps``: the policy the tokens were sampled
+    from, fixed for the whole update.
+
+    logps (with grad), old_logps, mask, ref_logps, teacher_logps: [B, T]; advantages: [B] or
+    [B, T]; sampler_weights: [B, T] or [B, 1] -> scalar loss, detached stats
     """
+    distill_stats = {}
+    if teacher_logps is not None:
+        advantages = TEACHER_ADVANTAGES[teacher_advantage](
+            advantages, old_logps, teacher_logps, teacher_coef
+        )
+        distill_stats = {
+            "distill/reverse_kl": masked_mean((old_logps - teacher_logps).detach(), mask),
+            "distill/teacher_logp": masked_mean(teacher_logps, mask),
+        }
     per_token_loss, stats = POLICY_LOSSES[policy_loss](
         logps,
         old_logps,
@@ -59,6 +77,7 @@ def objective(
         kl = KL_ESTIMATORS[kl_estimator](logps, ref_logps)
         per_token_loss = per_token_loss + beta * kl
         stats = {**stats, "kl": masked_mean(kl.detach(), mask)}
+    stats = {**stats, **distill_stats}
     loss = LOSS_AGGREGATIONS[aggregation](
         per_token_loss,
         mask,

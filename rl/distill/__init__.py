@@ -7,7 +7,10 @@
   dataset into an aha run folder that ``aha eval``, ``aha train model.name=...`` and
   ``resume=`` take.
 - rl/distill/teacher.py loads a teacher (a model, a run folder or a vLLM server) with one
-  function, for these commands and for an on-policy distillation objective alike.
+  function, for these commands and for on-policy distillation alike.
+- rl/distill/on_policy.py: on-policy distillation's teacher in the training step
+  (``algorithm.teacher``): it scores the student's own tokens, and the objective turns its
+  log-probs into per-token advantages (rl/algorithms/distill.py).
 
-Nothing here is imported by the trainer; TRL is imported by the sft command only.
+The trainer imports on_policy.py only; TRL is imported by the sft command only.
 """
