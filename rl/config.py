@@ -306,6 +306,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a bool
+            spellings = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((a for a in typing.get_args(tp) if a in spellings), value)
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
         return value

@@ -163,3 +163,14 @@ def test_an_unknown_rollout_dtype_names_the_key():
         match="rollout.dtype: expected one of 'float32', 'bfloat16', 'float16' or null, got 'fp8'",
     ):
         load_config(None, ["rollout.dtype=fp8"])
+
+
+@pytest.mark.parametrize("spelling", ["off", "r3"])
+def test_a_bare_off_is_the_word_not_a_bool(tmp_path, spelling):
+    # YAML 1.1 reads `off` as False, in a file and on the command line alike
+    path = tmp_path / "c.yaml"
+    path.write_text(f"rollout:\n  routing_replay: {spelling}\n")
+    assert load_config(path).rollout.routing_replay == spelling
+    assert (
+        load_config(None, [f"rollout.routing_replay={spelling}"]).rollout.routing_replay == spelling
+    )
