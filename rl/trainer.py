@@ -29,6 +29,7 @@ from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics
 from rl.metrics import Metrics
 from rl.schemes import DataParallel, choose
 from rl.scoring import WeightedReward, score
+from rollouts.agent.summary import turn_metrics, turn_summary
 from rollouts.base import RolloutEngine, SamplingSettings
 from rollouts.record import Prompt, Rollout
 
@@ -211,11 +212,12 @@ def assign_advantages(
 
 
 def rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
-    lengths = [len(r.completion_ids) for r in rollouts]
+    lengths = [r.model_tokens for r in rollouts]  # the model's: tool results are not counted
     return {
         "response_length/mean": sum(lengths) / len(lengths),
         "response_length/max": float(max(lengths)),
         "response_length/clip_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
+        **turn_metrics(rollouts),
     }
 
 
@@ -501,6 +503,7 @@ def rollout_summary(rollout: Rollout) -> dict[str, Any]:
         "completion_tokens": len(rollout.completion_ids),
         "policy_version": rollout.policy_version,
         "group": rollout.group,
+        **turn_summary(rollout),  # multi-turn: each turn, call and result
     }
 
 
