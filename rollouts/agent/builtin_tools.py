@@ -18,11 +18,7 @@ def make_calculator(deadline_s: float) -> Callable[[str], str]:
         """Evaluate an arithmetic expression exactly.
 
         Args:
-            expression: The expression, e.g. "12 * 34 + 5" or "sqrt(2) / 2" (numbers,
-                + - * / ^, parentheses, sqrt, exp, log, sin, cos, tan, pi).
-
-        Returns:
-            The exact value (a fraction as p/q, with its decimal beside it).
+            expression: The expression, e.g. "12 * 34 + 5".
         """
         from rewards.math.pool import get_pool
 
