@@ -102,6 +102,7 @@ class RolloutConfig:
     batch_size: int = 64  # sequences per generate() call in the transformers engine
     # vLLM (engine: vllm). Colocated: an in-process vLLM on the trainer's machine, unless
     # server_url is set: then rollouts come from a running vLLM server (see server_mode).
+
     # The context: prompt + completion tokens, all turns (vLLM's max_model_len; with tools it
     # bounds every engine's trajectories). None: data.max_prompt_tokens + max_tokens, plus, with
     # tools, the tool descriptions and (max_turns - 1) tool results of max_tool_output_tokens.
@@ -133,6 +134,7 @@ class RolloutConfig:
 
     # Multi-turn rollouts (docs/multiturn.md): the model calls tools or acts in an environment,
     # and each trajectory is one token sequence whose tool results never enter the loss.
+
     # Tools: built-in (calculator, python), path/to/file.py:function or package.module:function,
     # each a typed function with a Google-style docstring (its JSON schema for the template).
     tools: list[str] = field(default_factory=list)
