@@ -45,7 +45,7 @@ class TokenBatch:
         completion_mask = self.completion_mask[rows]
         prompt_lengths = attention[:, : self.prompt_width].sum(dim=1)
         cut_left = self.prompt_width - int(prompt_lengths.max())
-        keep_right = int(completion_mask.sum(dim=1).max().clamp(min=1))
+        keep_right = last_masked_column(completion_mask)
         end = self.prompt_width + keep_right
         return TokenBatch(
             input_ids=self.input_ids[rows, cut_left:end],
@@ -85,6 +85,16 @@ def _advantage_rows(advantages: torch.Tensor, rows: torch.Tensor, width: int) ->
     return advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
 
 
+def last_masked_column(mask: torch.Tensor) -> int:
+    """Columns up to the last one with a 1 in any row (at least 1): a multi-turn row's mask has
+    zeros (the environment's tokens) between its ones, so its count is not its width.
+
+    mask [B, T] -> int
+    """
+    columns = torch.arange(1, mask.shape[1] + 1)
+    return int((columns * (mask > 0)).max().clamp(min=1)) if mask.numel() else 1
+
+
 def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> TokenBatch:
     prompt_width = max(len(r.prompt.ids) for r in rollouts)
     completion_width = max(max(len(r.completion_ids) for r in rollouts), 1)
@@ -102,11 +112,14 @@ def collate(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) 
         )
         attention_mask[row, prompt_width - p : prompt_width + c] = 1
         if not (mask_truncated and rollout.truncated):
-            completion_mask[row, :c] = 1
+            # the model's tokens only: a multi-turn rollout's environment tokens are context
+            completion_mask[row, :c] = (
+                1 if rollout.model_mask is None else torch.tensor(rollout.model_mask)
+            )
         if sampler_logps is not None:
             sampler_logps[row, :c] = torch.tensor(rollout.sampler_logps)
     advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
-    group_ids = torch.tensor([r.group for r in rollouts], dtype=torch.long)
+    group_ids = prompt_ids_groups(rollouts)
     return TokenBatch(
         input_ids,
         attention_mask,
@@ -132,6 +145,15 @@ def collate_routing(rollouts: list[Rollout], prompt_width: int, width: int):
             experts = torch.as_tensor(rollout.routed_experts).to(torch.int16)
             routed[row, start : start + len(experts)] = experts
     return routed
+
+
+def prompt_ids_groups(rollouts: list[Rollout]) -> torch.Tensor:
+    """One id per distinct prompt [B]: rows share one when they share the group and the prompt's
+    tokens (an environment's reset text can make a group's prompts differ), so the shared-prompt
+    forward runs each distinct prompt once and never gives a row another row's prompt."""
+    ids: dict[tuple[int, tuple[int, ...]], int] = {}
+    keys = [(r.group, tuple(r.prompt.ids)) for r in rollouts]
+    return torch.tensor([ids.setdefault(key, len(ids)) for key in keys], dtype=torch.long)
 
 
 def completion_logps(

@@ -95,12 +95,18 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (> 0)
     top_p: float = 1.0  # nucleus sampling; 1 = off
     top_k: int = 0  # 0 = off
-    max_tokens: int = 128  # completion cap; cut ones count in response_length/clip_ratio
+    # Completion cap; cut ones count in response_length/clip_ratio. With tools or an
+    # environment: the whole trajectory's model tokens (every turn; tool results not counted).
+    max_tokens: int = 128
     stop: list[str] = field(default_factory=list)  # extra stop strings (EOS always stops)
     batch_size: int = 64  # sequences per generate() call in the transformers engine
     # vLLM (engine: vllm). Colocated: an in-process vLLM on the trainer's machine, unless
     # server_url is set: then rollouts come from a running vLLM server (see server_mode).
-    max_model_len: int | None = None  # None: data.max_prompt_tokens + max_tokens
+
+    # The context: prompt + completion tokens, all turns (vLLM's max_model_len; with tools it
+    # bounds every engine's trajectories). None: data.max_prompt_tokens + max_tokens, plus, with
+    # tools, the tool descriptions and (max_turns - 1) tool results of max_tool_output_tokens.
+    max_model_len: int | None = None
     kv_cache_gb: float | None = None  # CPU: KV-cache GiB; None: a tenth of free RAM, 1 to 8
     # vLLM's weights and compute, independent of model.dtype (the weight sync casts the trainer's
     # tensors); null: bfloat16 on a GPU, model.dtype on a CPU, resolved when the config loads.
@@ -125,6 +131,24 @@ class RolloutConfig:
     # with gate weights from the trainer's own router logits (R3, arXiv 2510.11370); "off" lets
     # the trainer's router choose. moe/router_mismatch is logged either way.
     routing_replay: Literal["off", "r3"] = "off"
+
+    # Multi-turn rollouts (docs/multiturn.md): the model calls tools or acts in an environment,
+    # and each trajectory is one token sequence whose tool results never enter the loss.
+
+    # Tools: built-in (calculator, python), path/to/file.py:function or package.module:function,
+    # each a typed function with a Google-style docstring (its JSON schema for the template).
+    tools: list[str] = field(default_factory=list)
+    # A TRL environment class (reset(**row) -> str | None, public methods as its tools, optional
+    # get_reward() -> the `env` reward): path/to/file.py:Class, package.module:Class or the name
+    # of an `aha.environments` entry point. One instance per trajectory.
+    environment: str | None = None
+    max_turns: int = 4  # model turns per trajectory; a tool call in the last one is not run
+    tool_timeout_s: float = 10.0  # a tool call (or reset, get_reward) that takes longer fails
+    max_tool_output_tokens: int = 256  # a longer tool result is cut, with a marker
+    # How the model writes tool calls: "auto" from the chat template (Hermes/Qwen <tool_call>
+    # JSON, or Llama 3's JSON); a template that ignores tools (SmolLM2's) gets Hermes, described
+    # in its system turn.
+    tool_call_format: Literal["auto", "hermes", "llama3"] = "auto"
 
 
 @dataclass
@@ -606,6 +630,7 @@ def validate(config: Config) -> None:
     _validate_algorithm(config)
     _validate_teacher(config)
     _validate_distill(config.distill)
+    _validate_tools(config.rollout)
     from rl import algorithms  # registries; cheap, but imports torch
 
     for key, registry in (
@@ -694,6 +719,28 @@ def _validate_teacher(config: Config) -> None:
             "KL compares both at one temperature: sample at rollout.temperature=1, or load the "
             "teacher here (a model or run folder)"
         )
+
+
+def _validate_tools(rollout: RolloutConfig) -> None:
+    """The multi-turn keys; the tools and the environment are loaded (user files run once)."""
+    if rollout.max_turns < 1:
+        raise ConfigError(f"rollout.max_turns: must be at least 1, got {rollout.max_turns}")
+    if not rollout.tool_timeout_s > 0:
+        raise ConfigError(f"rollout.tool_timeout_s: must be > 0, got {rollout.tool_timeout_s}")
+    if rollout.max_tool_output_tokens < 1:
+        raise ConfigError(
+            f"rollout.max_tool_output_tokens: must be at least 1, got {rollout.max_tool_output_tokens}"
+        )
+    if not (rollout.tools or rollout.environment):
+        return
+    from rollouts.agent.tools import ToolError, load_environment, resolve_tools
+
+    try:
+        resolve_tools(rollout.tools)
+        if rollout.environment:
+            load_environment(rollout.environment)
+    except ToolError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _validate_distill(distill: DistillConfig) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rl.scoring import WeightedReward, score
+from rollouts.agent.summary import turn_metrics, turn_summary
 from rollouts.base import RolloutEngine, SamplingSettings
 from rollouts.record import Prompt, Rollout
 
@@ -104,6 +105,7 @@ def evaluate(
                 majority_correct([answers[j] for j in g], [correct[j] for j in g]) for g in groups
             ) / len(groups)
     metrics.update(tally.metrics(rollouts, rewards))
+    metrics.update(turn_metrics(rollouts))  # tools/*: multi-turn trajectories only
     return EvalResult(metrics, rollouts)
 
 
@@ -159,6 +161,7 @@ def write_eval(out_dir: Path, name: str, result: EvalResult, extra: dict[str, An
                         "rewards": r.rewards,
                         "finish_reason": r.finish_reason,
                         "completion_tokens": len(r.completion_ids),
+                        **turn_summary(r),
                     },
                     default=str,
                 )

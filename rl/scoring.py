@@ -83,18 +83,26 @@ def _row(rollouts: list[Rollout], index: int = 0) -> str:
 
 def reward_inputs(rollouts: list[Rollout]) -> dict[str, Any]:
     """TRL's reward keyword arguments for these rollouts: prompts, completions (as chat messages
-    when the prompts are), completion_ids and one list per dataset column."""
+    when the prompts are: a multi-turn trajectory's every assistant and tool message),
+    completion_ids (the model's tokens) and one list per dataset column; with an environment
+    that scores, its get_reward() values (``environment_rewards``, for the ``env`` reward)."""
+    from rollouts.agent.summary import reward_columns
+
     conversational = bool(rollouts) and isinstance(rollouts[0].prompt.messages, list)
     columns = sorted({key for r in rollouts for key in r.prompt.row})
     return {
         "prompts": [r.prompt.messages for r in rollouts],
-        "completions": [
-            [{"role": "assistant", "content": r.response}] if conversational else r.response
-            for r in rollouts
-        ],
-        "completion_ids": [r.completion_ids for r in rollouts],
+        "completions": [r.completion_messages if conversational else r.response for r in rollouts],
+        "completion_ids": [_model_ids(r) for r in rollouts],
         **{column: [r.prompt.row.get(column) for r in rollouts] for column in columns},
+        **reward_columns(rollouts),
     }
+
+
+def _model_ids(rollout: Rollout) -> list[int]:
+    if rollout.model_mask is None:
+        return rollout.completion_ids
+    return [t for t, m in zip(rollout.completion_ids, rollout.model_mask, strict=True) if m]
 
 
 def _call(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from rl import multiturn
 from rl.config import Config, ConfigError, resolve_device_defaults
 from rl.data import load_prompts, required_columns
 from rl.distill.on_policy import build_teacher
@@ -44,7 +45,7 @@ def build_rewards(config: Config) -> list[WeightedReward]:
             f"algorithm.reward_timeout_s: must be > 0, got {config.algorithm.reward_timeout_s}"
         )
     rewards = []
-    for i, spec in enumerate(config.rewards):
+    for i, spec in enumerate(multiturn.with_environment_reward(config, config.rewards)):
         if not math.isfinite(spec.weight):  # inf * 0 is NaN: a weight must be a number
             raise ConfigError(f"rewards.{i}.weight: must be a finite number, got {spec.weight}")
         fn = get_reward(spec.name)
@@ -80,8 +81,19 @@ def build_prompts(
 
 
 def build_engine(config: Config, model, tokenizer, model_folder: Path, routing=None):
-    """The configured rollout engine; ``routing`` (a MoE policy's router patch): the engine
-    reports the experts each token was routed to."""
+    """The configured rollout engine; with tools or an environment, the turn loop around it
+    (rl/multiturn.py), which returns the same records. ``routing`` (a MoE policy's router
+    patch): the engine reports the experts each token was routed to."""
+    agent = multiturn.prepare(config, tokenizer)
+    engine = _sampling_engine(
+        config, model, tokenizer, model_folder, multiturn.context_length(config, agent), routing
+    )
+    return multiturn.wrap(engine, config, tokenizer, agent)
+
+
+def _sampling_engine(
+    config: Config, model, tokenizer, model_folder: Path, max_model_len: int, routing=None
+):
     if config.rollout.engine == "transformers":
         from rollouts.hf_engine import TransformersEngine
 
@@ -118,7 +130,7 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path, routing=N
         settings = VLLMSettings(
             dtype=r.dtype,  # independent of model.dtype: the weight sync casts
             seed=config.train.seed,
-            max_model_len=r.max_model_len or config.data.max_prompt_tokens + r.max_tokens,
+            max_model_len=max_model_len,
             gpu_memory_utilization=r.gpu_memory_utilization,
             enforce_eager=r.enforce_eager,
             sleep_level=r.sleep_level,

@@ -60,11 +60,17 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def sample_rows(samples: list[dict[str, Any]]) -> list[list[Any]]:
-    """Table rows in SAMPLE_COLUMNS order; the per-function rewards as one short string."""
+    """Table rows in SAMPLE_COLUMNS order; the per-function rewards as one short string; a
+    multi-turn rollout's completion as its turns, each call and result labelled."""
+    from rollouts.agent.summary import transcript
+
     rows = []
     for sample in samples:
-        rewards = ", ".join(f"{k}={v}" for k, v in (sample.get("rewards") or {}).items())
-        rows.append([rewards if c == "rewards" else sample.get(c) for c in SAMPLE_COLUMNS])
+        cells = dict(sample)
+        cells["rewards"] = ", ".join(f"{k}={v}" for k, v in (sample.get("rewards") or {}).items())
+        if sample.get("turns"):
+            cells["completion"] = transcript(sample["turns"])
+        rows.append([cells.get(c) for c in SAMPLE_COLUMNS])
     return rows
 
 

@@ -27,6 +27,7 @@ from rl.config import Config
 from rl.distill.on_policy import with_teacher_logps
 from rl.distributed import Distributed, all_sum, gather_rows, reduce_metrics
 from rl.metrics import Metrics
+from rl.rollout_log import rollout_metrics, rollout_summary
 from rl.schemes import DataParallel, choose
 from rl.scoring import WeightedReward, score
 from rollouts.base import RolloutEngine, SamplingSettings
@@ -207,15 +208,6 @@ def assign_advantages(
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
         "frac_reward_zero_std": zero_std,
-    }
-
-
-def rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
-    lengths = [len(r.completion_ids) for r in rollouts]
-    return {
-        "response_length/mean": sum(lengths) / len(lengths),
-        "response_length/max": float(max(lengths)),
-        "response_length/clip_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
     }
 
 
@@ -485,23 +477,6 @@ def reference_logps(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
         logps = logps_in_chunks(trainer.model, batch, chunk, temperature, tokens, share, routing)
     trainer.model.train(was_training)
     return logps
-
-
-def rollout_summary(rollout: Rollout) -> dict[str, Any]:
-    messages = rollout.prompt.messages
-    prompt_text = messages[-1]["content"] if isinstance(messages, list) else messages
-    return {
-        "prompt": prompt_text,
-        "completion": rollout.response,
-        "answer": rollout.prompt.row.get("answer"),
-        "rewards": rollout.rewards,
-        "reward": rollout.reward,
-        "advantage": rollout.advantage,
-        "finish_reason": rollout.finish_reason,
-        "completion_tokens": len(rollout.completion_ids),
-        "policy_version": rollout.policy_version,
-        "group": rollout.group,
-    }
 
 
 def seed_everything(seed: int) -> None:

@@ -2,7 +2,8 @@
 
 ``RUN_DIR/view.html`` holds samples.jsonl as JSON inside the page and a few lines of inline
 JavaScript that render one row per rollout (prompt, completion with its ``<think>`` reasoning
-folded, reward per function, advantage) and filter them by step and reward range. No external
+folded, or a multi-turn rollout's turns with each tool call and result, reward per function,
+advantage) and filter them by step and reward range. No external
 assets: it opens from disk, offline, and can be attached to an issue.
 """
 
@@ -44,6 +45,9 @@ details { color: #666; margin-bottom: .3em; }
 summary { cursor: pointer; }
 .pos { color: #0a7d28; } .neg { color: #b3261e; }
 .fn { display: block; white-space: nowrap; font-size: 12px; }
+.turn { border-left: 3px solid #9ab; padding-left: .5em; margin-bottom: .4em; }
+.turn.tool { border-color: #c9a227; background: #fdf9ec; }
+.role { font-size: 12px; color: #666; } .call { color: #0b5cad; }
 """
 
 # Renders rows from the JSON with textContent only: completions are model output, never markup.
@@ -77,6 +81,20 @@ function completionCell(text) {
   td.append(el("pre", rest));
   return td;
 }
+function turnsCell(turns) {
+  const td = el("td");
+  for (const t of turns) {
+    const block = el("div", undefined, "turn " + (t.role === "tool" ? "tool" : "assistant"));
+    const label = t.role === "tool" ? "tool " + (t.name || "?") + (t.error ? " (error)" : "") : "assistant";
+    block.append(el("span", label, "role"), el("pre", t.content || ""));
+    for (const c of t.tool_calls || []) {
+      const f = c.function || {};
+      block.append(el("pre", "-> " + f.name + "(" + JSON.stringify(f.arguments) + ")", "call"));
+    }
+    td.append(block);
+  }
+  return td;
+}
 function row(s) {
   const tr = el("tr", undefined, "sample");
   tr.dataset.step = s.step;
@@ -84,7 +102,7 @@ function row(s) {
   const prompt = el("td");
   prompt.append(el("pre", s.prompt));
   if (s.answer !== undefined && s.answer !== null) prompt.append(el("div", "answer: " + s.answer));
-  tr.append(prompt, completionCell(s.completion));
+  tr.append(prompt, s.turns ? turnsCell(s.turns) : completionCell(s.completion));
   const rewards = el("td", undefined, "num");
   rewards.append(el("b", fmt(s.reward)));
   for (const [name, value] of Object.entries(s.rewards || {})) {

@@ -1,5 +1,5 @@
 """Rollout engines: sample G completions per prompt and return `Rollout` records."""
 
-from rollouts.record import FinishReason, Prompt, Rollout
+from rollouts.record import FinishReason, Prompt, Rollout, Turn
 
-__all__ = ["FinishReason", "Prompt", "Rollout"]
+__all__ = ["FinishReason", "Prompt", "Rollout", "Turn"]

@@ -80,7 +80,10 @@ class TransformersEngine:
                 prompts, input_ids.to(device), attention_mask.to(device), sampling
             )
         new_ids, logps = new_ids.cpu(), logps.cpu()  # [B, T]
-        ends = [self._completion_length(ids, sampling) for ids in new_ids.tolist()]
+        ends = [  # a prompt's own cap (a multi-turn trajectory's budget) cuts its rows
+            self._completion_length(ids[: _own_cap(p, sampling)], sampling)
+            for p, ids in zip(prompts, new_ids.tolist(), strict=True)
+        ]
         routed = [None] * len(prompts)
         if recording is not None:
             routed = recording.rows(
@@ -91,7 +94,7 @@ class TransformersEngine:
             )
         rollouts = []
         for row, prompt in enumerate(prompts):
-            ids = new_ids[row].tolist()
+            ids = new_ids[row].tolist()[: _own_cap(prompt, sampling)]
             length, finish = ends[row]
             completion_ids = ids[:length]
             rollouts.append(
@@ -126,13 +129,16 @@ class TransformersEngine:
         """
         model, eos, pad = self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         size = len(prompts)
+        caps = [_own_cap(p, sampling) for p in prompts]  # a prompt may cap its rows lower
+        longest = max(caps)
+        caps = torch.tensor(caps, device=input_ids.device)  # [B]
         cache, logits = self._prefill(prompts, input_ids, attention_mask)
-        reserve_room(cache, sampling.max_tokens)
+        reserve_room(cache, longest)
         next_position = attention_mask.sum(dim=1)  # [B] position id of each row's next token
         ended = torch.zeros(size, dtype=torch.bool, device=input_ids.device)
         tokens, logps = [], []
         with self.packed(model, size) if self.packed else contextlib.nullcontext():
-            for step in range(sampling.max_tokens):
+            for step in range(longest):
                 token, logp = sample_next(
                     logits, sampling.temperature, sampling.top_k, sampling.top_p
                 )
@@ -142,7 +148,8 @@ class TransformersEngine:
                 ended |= token == eos
                 if sampling.stop:
                     ended |= self._stop_string_ended(tokens, ended, sampling.stop)
-                if step + 1 == sampling.max_tokens or bool(ended.all()):
+                ended |= caps <= step + 1
+                if step + 1 == longest or bool(ended.all()):
                     break
                 attention_mask = torch.cat(
                     [attention_mask, attention_mask.new_ones(size, 1)], dim=1
@@ -224,6 +231,13 @@ def _distinct_rows(prompts: list[Prompt]) -> list[int]:
     one prompt object)."""
     first: dict[int, int] = {}
     return [first.setdefault(id(p), len(first)) for p in prompts]
+
+
+def _own_cap(prompt: Prompt, sampling: SamplingSettings) -> int:
+    """The most new tokens for ``prompt``: its own cap, never above the settings'."""
+    if prompt.max_tokens is None:
+        return sampling.max_tokens
+    return max(0, min(prompt.max_tokens, sampling.max_tokens))
 
 
 class RoomyLayer(DynamicLayer):

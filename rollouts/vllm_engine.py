@@ -46,7 +46,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -410,10 +410,16 @@ class VLLMEngine:
     def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSettings) -> list[Rollout]:
         """n completions per prompt, grouped: rollouts[i*n:(i+1)*n] belong to prompts[i]."""
         self._wake_for_generation()
+        params = self.sampling_params(n, sampling)
+        if any(p.max_tokens is not None for p in prompts):  # a prompt's own, lower cap
+            params = [
+                params
+                if p.max_tokens is None
+                else self.sampling_params(n, replace(sampling, max_tokens=_own_cap(p, sampling)))
+                for p in prompts
+            ]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p.ids)} for p in prompts],
-            self.sampling_params(n, sampling),
-            use_tqdm=False,
+            [{"prompt_token_ids": list(p.ids)} for p in prompts], params, use_tqdm=False
         )
         captured = self._capture.take() if self._capture is not None else {}
         rollouts = []
@@ -638,6 +644,13 @@ def _default_process_group_kept():
         yield
     finally:
         distributed.destroy_process_group = destroy
+
+
+def _own_cap(prompt: Prompt, sampling: SamplingSettings) -> int:
+    """The most new tokens for ``prompt``: its own cap, never above the settings' (at least 1:
+    vLLM refuses 0; the caller cuts what it did not want)."""
+    own = sampling.max_tokens if prompt.max_tokens is None else prompt.max_tokens
+    return max(1, min(own, sampling.max_tokens))
 
 
 def _sampled_logps(logprobs, ids: list[int]) -> list[float] | None:

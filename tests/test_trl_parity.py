@@ -68,7 +68,9 @@ def trl_loss(tensors, logps_leaf, micro_rows, **settings):
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
     )
     assert not settings, f"unused settings {settings}"
-    mask = tensors["mask"][micro_rows]
+    # multi-turn: TRL's completion mask covers every completion token, its tool_mask zeroes
+    # the tools' tokens; ours ("mask") is their product, made by collate from the records
+    mask = tensors.get("trl_completion_mask", tensors["mask"])[micro_rows]
     inputs = {
         "prompt_ids": torch.ones(len(micro_rows), 1, dtype=torch.long),
         "prompt_mask": torch.ones(len(micro_rows), 1, dtype=torch.long),
@@ -81,6 +83,8 @@ def trl_loss(tensors, logps_leaf, micro_rows, **settings):
     }
     if use_is:
         inputs["importance_sampling_ratio"] = tensors["importance_sampling_ratio"][micro_rows]
+    if "tool_mask" in tensors:
+        inputs["tool_mask"] = tensors["tool_mask"][micro_rows]
     return trl_grpo.GRPOTrainer._compute_loss(stand_in, None, inputs)
 
 
@@ -101,7 +105,41 @@ def our_loss(tensors, logps_leaf, micro_rows, **settings):
     )[0]
 
 
-def make_tensors(seed: int, is_mode: str | None = None):
+# Multi-turn rows of the lengths above: 1 on the model's tokens, 0 on a tool's
+MODEL_MASKS = [
+    [1, 1, 0, 0, 0, 1, 1],
+    [1],
+    [1, 0, 0, 1],
+    [1, 1, 0, 0, 1, 1],
+    [1, 0, 1],
+    [1, 1, 1, 0, 1],
+]
+
+
+def multi_turn_masks() -> dict[str, torch.Tensor]:
+    """Ours (collate's completion_mask from multi-turn records), and TRL's two masks for the same
+    rows: every completion token, and tool_mask (padded with 1, as TRL pads it)."""
+    from rl.batch import collate
+    from rollouts.record import Prompt, Rollout
+
+    rollouts = [
+        Rollout(Prompt(0, "q", [1, 2], {}), [3] * len(m), "", None, "stop", 0, model_mask=m)
+        for m in MODEL_MASKS
+    ]
+    for rollout in rollouts:
+        rollout.advantage = 0.0
+    batch = collate(rollouts, pad_id=0)
+    tool_mask = torch.ones(B, T, dtype=torch.float64)
+    for row, m in enumerate(MODEL_MASKS):
+        tool_mask[row, : len(m)] = torch.tensor(m, dtype=torch.float64)
+    return {
+        "mask": batch.completion_mask.double(),
+        "trl_completion_mask": batch.attention_mask[:, batch.prompt_width :].double(),
+        "tool_mask": tool_mask,
+    }
+
+
+def make_tensors(seed: int, is_mode: str | None = None, multi_turn: bool = False):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -109,8 +147,10 @@ def make_tensors(seed: int, is_mode: str | None = None):
 
     logps = torch.log(0.05 + 0.9 * rand(B, T))
     lengths = torch.tensor([7, 1, 4, 6, 3, 5])
-    mask = (torch.arange(T)[None] < lengths[:, None]).double()
+    masks = multi_turn_masks() if multi_turn else {}
+    mask = masks.pop("mask", (torch.arange(T)[None] < lengths[:, None]).double())
     tensors = {
+        **masks,
         "logps": logps,
         # wide enough that every clip branch (low, high, dual) is hit somewhere
         "old_logps": logps + 0.6 * (rand(B, T) - 0.5),
@@ -265,6 +305,22 @@ def test_equal_loss_and_gradients_to_trl(case, seed):
     assert our_value == pytest.approx(trl_value, abs=1e-6, rel=1e-6)
     assert torch.allclose(our_grad, trl_grad, atol=1e-6, rtol=0)
     assert trl_grad.abs().sum() > 0  # a real gradient, not two zeros
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_multi_turn_tool_masks_match_trl(case):
+    """Multi-turn rows (tools' tokens inside the completions): TRL's loss with its tool_mask on
+    the same tensors, against ours on collate's mask of the same records."""
+    trl_settings, our_settings, is_mode = CASES[case]
+    tensors = make_tensors(2, is_mode, multi_turn=True)
+    assert torch.equal(tensors["mask"], tensors["trl_completion_mask"] * tensors["tool_mask"])
+    assert (tensors["mask"] < tensors["trl_completion_mask"]).any()  # some tokens are the tools'
+    (trl_value, trl_grad), (our_value, our_grad) = run_both(tensors, trl_settings, our_settings)
+    assert our_value == pytest.approx(trl_value, abs=1e-6, rel=1e-6)
+    assert torch.allclose(our_grad, trl_grad, atol=1e-6, rtol=0)
+    tool_tokens = tensors["trl_completion_mask"] * (1 - tensors["tool_mask"]) > 0
+    assert our_grad[tool_tokens].abs().max() == 0  # no gradient on a tool's token
+    assert trl_grad.abs().sum() > 0
 
 
 def test_the_cases_hit_every_clip_branch():

@@ -93,25 +93,25 @@ def drop_to(uid):
     os.setresuid(uid, uid, uid)
 
 
-def spawn(argv, stdin_fd, stdout_fd, uid):
+def spawn(argv, stdin_fd, stdout_fd, uid, stderr_fd=None):
     """Fork and exec ``argv`` in a new session, as ``uid`` if given; its pid."""
     pid = os.fork()
     if pid:
         return pid
     try:
-        _become_child(stdin_fd, stdout_fd, uid)
+        _become_child(stdin_fd, stdout_fd, uid, stderr_fd)
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
 
 
-def _become_child(stdin_fd, stdout_fd, uid):
-    """In a fresh fork: own session, only these two pipes (and /dev/null) open, then ``uid``."""
+def _become_child(stdin_fd, stdout_fd, uid, stderr_fd=None):
+    """In a fresh fork: own session, only these pipes (stderr: /dev/null) open, then ``uid``."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(stdin_fd, 0)
     os.dup2(stdout_fd, 1)
-    os.dup2(devnull, 2)
+    os.dup2(devnull if stderr_fd is None else stderr_fd, 2)
     os.closerange(3, 65536)  # the driver's stdin (the payload) and stdout (the report) too
     if uid is not None:
         drop_to(uid)
@@ -330,12 +330,18 @@ class Driver:
     def run_stdio(self):
         cap = int(self.payload.get("max_output_bytes", 1 << 20))
         os.chdir(self.workdir)
+        # stderr (the python tool's): a file, read back capped once the case is over
+        err_path = os.path.join(self.workdir, "stderr.txt") if self.payload.get("stderr") else None
         for index, text in enumerate(self.payload["cases"]):
             stdin_fd = os.open(self._write("input.txt", text), os.O_RDONLY)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            err_fd = os.open(err_path, flags, 0o600) if err_path else None
             out_r, out_w = os.pipe()
-            pid = spawn(self.argv("stdio"), stdin_fd, out_w, self.candidate_uid)
+            pid = spawn(self.argv("stdio"), stdin_fd, out_w, self.candidate_uid, err_fd)
             os.close(stdin_fd)
             os.close(out_w)
+            if err_fd is not None:
+                os.close(err_fd)
             deadline = time.monotonic() + self.timeout
             out, timed_out = read_until(out_r, deadline, cap)
             exit_code = None
@@ -352,14 +358,16 @@ class Driver:
             if exit_code is None:
                 kill_session(pid)
             self.kill_stragglers()
-            self.emit(
-                {
-                    "case": index,
-                    "stdout": out.decode("utf-8", "replace"),
-                    "timed_out": timed_out,
-                    "exit": exit_code,
-                }
-            )
+            report = {
+                "case": index,
+                "stdout": out.decode("utf-8", "replace"),
+                "timed_out": timed_out,
+                "exit": exit_code,
+            }
+            if err_path:
+                with open(err_path, "rb") as f:
+                    report["stderr"] = f.read(cap).decode("utf-8", "replace")
+            self.emit(report)
 
     def run_function(self):
         candidate, self.first = self.first, None

@@ -73,6 +73,11 @@ class _Worker:
         return line
 
     def call(self, request: dict[str, Any], timeout_s: float) -> Verdict:
+        reply = self.exchange(request, timeout_s)
+        return Verdict(bool(reply["equal"]), str(reply["why"]))
+
+    def exchange(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """One request, one JSON reply; TimeoutError past ``timeout_s``."""
         if not self.ready:  # the first call also waits for the imports, outside the item's budget
             if self._read_line(time.monotonic() + _START_TIMEOUT_S) is None:
                 raise TimeoutError("worker did not start")
@@ -82,8 +87,7 @@ class _Worker:
         line = self._read_line(time.monotonic() + timeout_s)
         if line is None:
             raise TimeoutError
-        reply = json.loads(line)
-        return Verdict(bool(reply["equal"]), str(reply["why"]))
+        return json.loads(line)
 
     def kill(self) -> None:
         try:
@@ -143,6 +147,25 @@ class CheckerPool:
         except (EOFError, OSError, ValueError):
             worker = self._replace(worker)
             return Verdict(False, "crash")
+        finally:
+            self._idle.put(worker)
+
+    def calculate(self, expression: str, timeout_s: float) -> tuple[str | None, str | None]:
+        """The calculator tool's (value, None), or (None, why not): unreadable, undefined, or
+        past ``timeout_s`` (the worker is then killed and replaced)."""
+        if self._closed:
+            raise RuntimeError("checker pool is closed")
+        self._start()
+        worker = self._idle.get()
+        try:
+            reply = worker.exchange({"calculate": expression}, timeout_s)
+            return reply.get("result"), reply.get("error")
+        except TimeoutError:
+            worker = self._replace(worker)
+            return None, f"took longer than {timeout_s:g} s"
+        except (EOFError, OSError, ValueError):
+            worker = self._replace(worker)
+            return None, "the calculator's worker crashed"
         finally:
             self._idle.put(worker)
 

@@ -23,11 +23,19 @@ def main() -> None:
     import logging
 
     logging.disable(logging.CRITICAL)  # math_verify warns once per process about timeouts
+    from rewards.math.calculate import calculate
     from rewards.math.equivalence import equivalent
 
     protocol.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
+        if "calculate" in request:  # the calculator tool (rollouts/agent/builtin_tools.py)
+            try:
+                reply = {"result": calculate(request["calculate"])}
+            except Exception as error:  # the tool's result says why; the worker lives on
+                reply = {"error": str(error) or type(error).__name__}
+            protocol.write(json.dumps(reply) + "\n")
+            continue
         try:
             equal, why = equivalent(request["gold"], request["pred"], **request.get("options", {}))
         except Exception as error:  # a bad item scores 0; the worker lives on
