@@ -262,7 +262,7 @@ def build_fixed(config, dist: Distributed, checkpoint=None):
         trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.step = state["step"]
     trainer.engine = FixedEngine(trainer.tokenizer)
-    if dist.deepspeed:  # DeepSpeed's ZeRO optimizer steps its partitions with this AdamW
+    if dist.zero_stage:  # DeepSpeed's ZeRO optimizer steps its partitions with this AdamW
         assert trainer.scheme.engine.optimizer.optimizer is trainer.optimizer
     for group in trainer.optimizer.param_groups:
         group["eps"] = ADAM_EPS
