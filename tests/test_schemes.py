@@ -259,7 +259,7 @@ def test_server_push_every_rank_draws_every_tensor(monkeypatch):
 
     engine = object.__new__(ServerEngine)
     engine.mode, engine.tie_word_embeddings, engine.lora_scaling = "reload", False, None
-    engine.policy_version = 0
+    engine.policy_version, engine.checkpoint_names = 0, None
     monkeypatch.setenv("RANK", "1")
     stream, box = counted([("a", torch.zeros(1)), ("b", torch.zeros(1))])
     engine.update_weights(stream, version=2)
