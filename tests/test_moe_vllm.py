@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import LOGP_TOLERANCE
 
 from rl.batch import collate, completion_logps
 from rl.models import load_policy, load_tokenizer, resolve_model
@@ -91,9 +92,10 @@ def test_weight_sync_of_the_experts_and_replay(setup):
         rollouts = engine.generate(prompts(tokenizer), 4, SamplingSettings(max_tokens=12))
         assert rollouts[0].policy_version == 3
         gap, mismatch = trainer_view(model, routing, rollouts, tokenizer.pad_token_id, True)
-        # float32 on both sides, different kernels: ~1e-6 measured, as for the dense model
-        # (tests/test_vllm_engine.py's LOGP_TOLERANCE); a garbled expert would move it by ~0.1
-        assert gap < 1e-4 and mismatch < 0.02
+        # float32 on both sides, different kernels: the tiny dense model's derived bound covers
+        # the tiny MoE's chain (experts of width 64 <= the dense MLP's 128, plus a 2-term top-2
+        # combine): tests/numerics.py LOGP_TOLERANCE; a garbled expert would move it by ~0.1
+        assert gap < LOGP_TOLERANCE and mismatch < 0.02
         engine.update_weights(model.named_parameters(), version=3)
 
 
