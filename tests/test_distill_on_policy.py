@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import FIXTURES, ROOT
 from safetensors.torch import load_file
+from stand_ins import JsonServer
 
 from rl.algorithms import POLICY_LOSSES, TEACHER_ADVANTAGES, objective
 from rl.config import ConfigError, load_config
@@ -338,72 +339,39 @@ def test_a_lora_run_is_a_teacher(tmp_path, teacher_folder):
 # ------------------------------------------------------------------ a teacher on a vLLM server
 
 
-class ScoringServer:
+def ScoringServer(model, tokenizer) -> JsonServer:
     """The endpoints a server teacher is asked (/health, /v1/models, /tokenize, and
     /v1/completions with prompt_logprobs), answered by ``model`` at temperature 1 as vLLM does:
     a list per sequence, None first, then {token id: {"logprob": ...}} for each later token."""
 
-    def __init__(self, model, tokenizer):
-        import http.server
-        import threading
+    def score(ids: list[int]) -> list:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+        logps = torch.log_softmax(logits, dim=-1)
+        return [None] + [
+            {str(token): {"logprob": logps[k, token].item(), "rank": 1}}
+            for k, token in enumerate(ids[1:])
+        ]
 
-        outer = self
-        self.requests: list[dict] = []
+    def route(method, path, payload):
+        if method == "GET":
+            return {"data": [{"id": "teacher"}]} if path == "/v1/models" else None
+        if path == "/tokenize":
+            if "messages" in payload:
+                ids = tokenizer.apply_chat_template(
+                    payload["messages"], add_generation_prompt=True, tokenize=True
+                )
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            else:
+                ids = tokenizer.encode(payload["prompt"], add_special_tokens=False)
+            return {"tokens": list(ids), "count": len(ids), "max_model_len": 512}
+        choices = [
+            {"index": i, "text": "", "prompt_logprobs": score(ids), "finish_reason": "length"}
+            for i, ids in enumerate(payload["prompt"])
+        ]
+        return {"choices": choices}
 
-        def score(ids: list[int]) -> list:
-            with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, :-1].double()
-            logps = torch.log_softmax(logits, dim=-1)
-            return [None] + [
-                {str(token): {"logprob": logps[k, token].item(), "rank": 1}}
-                for k, token in enumerate(ids[1:])
-            ]
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, body):
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._reply({"data": [{"id": "teacher"}]} if self.path == "/v1/models" else None)
-
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(payload)
-                if self.path == "/tokenize":
-                    if "messages" in payload:
-                        ids = tokenizer.apply_chat_template(
-                            payload["messages"], add_generation_prompt=True, tokenize=True
-                        )
-                        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-                    else:
-                        ids = tokenizer.encode(payload["prompt"], add_special_tokens=False)
-                    self._reply({"tokens": list(ids), "count": len(ids), "max_model_len": 512})
-                    return
-                choices = [
-                    {
-                        "index": i,
-                        "text": "",
-                        "prompt_logprobs": score(ids),
-                        "finish_reason": "length",
-                    }
-                    for i, ids in enumerate(payload["prompt"])
-                ]
-                self._reply({"choices": choices})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    return JsonServer(route)
 
 
 def test_a_teacher_on_a_server_scores_as_the_same_model_here(tiny_tokenizer, teacher_folder):

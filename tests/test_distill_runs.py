@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
+from stand_ins import JsonServer, free_port
 from test_distill import DIGITS, TINY, run_aha, sample_rows
 
 from rl.config import load_config
@@ -144,62 +145,32 @@ def test_a_lora_student_loads_in_eval_and_starts_rl(tmp_path, capsys, monkeypatc
     assert train(config, progress=False).steps == 2
 
 
-class FakeVLLMServer:
+def FakeVLLMServer(tokenizer) -> JsonServer:
     """The three endpoints ServerEngine calls (/health, /v1/models, /v1/completions), answering
     each prompt's j-th sample with "<answer> 7...7 </answer>" (j+1 sevens, the first two
     alike) and the end-of-sequence token: a teacher too big for this machine, in miniature."""
+    replies = [" <answer> 7 </answer>", " <answer>  7 </answer>", " <answer> 77 </answer>"]
+    ids = [
+        tokenizer.encode(r, add_special_tokens=False) + [tokenizer.eos_token_id] for r in replies
+    ]
 
-    def __init__(self, tokenizer):
-        import http.server
-        import threading
-
-        self.requests: list[dict] = []
-        replies = [" <answer> 7 </answer>", " <answer>  7 </answer>", " <answer> 77 </answer>"]
-        ids = [
-            tokenizer.encode(r, add_special_tokens=False) + [tokenizer.eos_token_id]
-            for r in replies
+    def route(method, path, payload):
+        if method == "GET":
+            return {"data": [{"id": "tiny-random"}]} if path == "/v1/models" else None
+        n = payload["n"]
+        choices = [
+            {
+                "index": i * n + j,
+                "token_ids": ids[j % 3],
+                "finish_reason": "stop",
+                "logprobs": {"token_logprobs": [-0.5] * len(ids[j % 3])},
+            }
+            for i in range(len(payload["prompt"]))
+            for j in range(n)
         ]
-        outer = self
+        return {"choices": choices}
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, body):
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._reply(
-                    {"data": [{"id": "tiny-random"}]} if self.path == "/v1/models" else None
-                )
-
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(payload)
-                n = payload["n"]
-                choices = [
-                    {
-                        "index": i * n + j,
-                        "token_ids": ids[j % 3],
-                        "finish_reason": "stop",
-                        "logprobs": {"token_logprobs": [-0.5] * len(ids[j % 3])},
-                    }
-                    for i in range(len(payload["prompt"]))
-                    for j in range(n)
-                ]
-                self._reply({"choices": choices})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    return JsonServer(route)
 
 
 def test_a_teacher_on_a_server_is_sampled_frozen_with_no_model_loaded(tmp_path, tiny_tokenizer):
@@ -265,11 +236,3 @@ def test_accelerate_launch_one_and_two_processes_make_the_same_first_step(tmp_pa
     # Each row's forward is the same (micro-batches of 1, no padding); only the order of the
     # sum over the batch's ~60 reply tokens differs: float32, at most 60 * 2^-24 ~ 4e-6 relative.
     assert first_losses[1] == pytest.approx(first_losses[0], rel=1e-5)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

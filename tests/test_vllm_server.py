@@ -9,13 +9,13 @@ The server starts in 40-90 s on 2 cores (multi-process, eager), hence ``slow``.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from numerics import LOGP_TOLERANCE
+from stand_ins import free_port
 
 from rl.batch import collate, completion_logps
 from rl.models import load_policy
@@ -25,12 +25,6 @@ from rollouts.record import Prompt
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # fp32 on both sides, vLLM's kernels against the trainer's: LOGP_TOLERANCE (tests/numerics.py)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
