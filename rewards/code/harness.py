@@ -377,7 +377,9 @@ class Driver:
             }
             if err_path:
                 with open(err_path, "rb") as f:
-                    report["stderr"] = f.read(cap).decode("utf-8", "replace")
+                    err = f.read(cap + 1)
+                report["stderr"] = err[:cap].decode("utf-8", "replace")
+                report["stderr_cut"] = len(err) > cap
             self.emit(report)
 
     def run_function(self):
