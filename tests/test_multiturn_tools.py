@@ -222,7 +222,9 @@ def test_reset_and_get_reward_failures_are_said():
 
 @pytest.fixture(scope="module")
 def builtins():
-    return {t.name: t.fn for t in resolve_tools(["calculator", "python"], 5.0)}
+    # without bubblewrap `python` is refused at load; the calculator's tests run anyway
+    names = ["calculator", "python"] if shutil.which("bwrap") else ["calculator"]
+    return {t.name: t.fn for t in resolve_tools(names, 5.0)}
 
 
 @pytest.mark.parametrize(

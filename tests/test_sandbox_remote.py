@@ -32,6 +32,7 @@ class StandIn(ThreadingHTTPServer):
         self.fail_first = 0  # answer HTTP 503 to this many requests first
         self.sandbox_error_first = 0  # answer status SandboxError to this many
         self.delay_s = 0.0
+        self.tmpdir: str | None = None  # the programs' TMPDIR, to see what they leave behind
 
     @property
     def url(self) -> str:
@@ -63,7 +64,7 @@ class Handler(BaseHTTPRequestHandler):
             if sandbox_error:
                 reply = {"status": "SandboxError", "message": "pod evicted"}
             else:
-                reply = {"status": "Success", "run_result": run(body)}
+                reply = {"status": "Success", "run_result": run(body, server.tmpdir)}
             data = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -75,13 +76,14 @@ class Handler(BaseHTTPRequestHandler):
                 server.in_flight -= 1
 
 
-def run(body: dict) -> dict:
+def run(body: dict, tmpdir: str | None = None) -> dict:
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", "-c", body["code"]],
             input=body["stdin"].encode(),
             capture_output=True,
             timeout=body["run_timeout"],
+            env={"TMPDIR": tmpdir} if tmpdir else None,
         )
     except subprocess.TimeoutExpired:
         return {"status": "TimeLimitExceeded", "stdout": "", "stderr": "", "return_code": None}
@@ -126,9 +128,13 @@ def remote(completions, server, **options):
     return scores, logged["code_tests"]
 
 
-def test_scores_and_the_verdict_stays_here(server):
+def test_scores_and_the_verdict_stays_here(server, tmp_path):
+    server.tmpdir = str(tmp_path)
     assert remote([RIGHT, ANYTHING, "no code"], server)[0] == [1.0, 0.0, 0.0]
     assert server.requests == 2  # no request for a completion without code
+    # The harness makes its working directory there (no sandbox /tmp of ours to vanish with
+    # it) and removes it: each run used to leave an aha-code-* directory on the server.
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_transient_failures_are_retried(server):

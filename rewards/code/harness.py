@@ -261,6 +261,8 @@ class Driver:
         uids = public.get("uids")  # [checker, candidate] when started as root
         self.checker_uid, self.candidate_uid = uids if uids else (None, None)
         workdir = public.get("workdir")
+        # made here (remote runs): removed by ``cleanup``, in this process only, never a fork's
+        self.own_workdir = os.getpid() if not workdir else None
         if not workdir:
             import tempfile
 
@@ -303,6 +305,15 @@ class Driver:
             + [self.code_path, self.prelude_path]
             + values
         )
+
+    def cleanup(self):
+        """Remove the working directory if it was made here. A sandbox's own /tmp vanishes
+        with it; a remote server's does not, and every run used to leave one behind."""
+        if self.own_workdir == os.getpid():
+            import shutil
+
+            os.chdir("/")
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def emit(self, message):
         message["nonce"] = self.nonce
@@ -366,7 +377,9 @@ class Driver:
             }
             if err_path:
                 with open(err_path, "rb") as f:
-                    report["stderr"] = f.read(cap).decode("utf-8", "replace")
+                    err = f.read(cap + 1)
+                report["stderr"] = err[:cap].decode("utf-8", "replace")
+                report["stderr_cut"] = len(err) > cap
             self.emit(report)
 
     def run_function(self):
@@ -482,10 +495,13 @@ def main():
         make_undumpable()  # as root, the candidate runs under another uid instead
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     driver = Driver(public)
-    if public["form"] in ("function", "assert"):
-        driver.prefork()
-    driver.receive(parse(kind, read_rest(0)))
-    driver.run()
+    try:
+        if public["form"] in ("function", "assert"):
+            driver.prefork()
+        driver.receive(parse(kind, read_rest(0)))
+        driver.run()
+    finally:
+        driver.cleanup()
 
 
 if __name__ == "__main__":

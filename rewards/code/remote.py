@@ -32,6 +32,7 @@ class SandboxFusionBackend:
     http_slack_s: float = 10.0  # on top of the run's own timeout, for queueing and transfer
     memory_limit_mb: int = -1  # SandboxFusion's own limit; -1 leaves the server's default
     name: str = "remote"
+    local: bool = False  # takes no slot of the local sandbox pool: the server bounds its runs
 
     def __post_init__(self) -> None:
         self._slots = threading.Semaphore(self.max_concurrency)

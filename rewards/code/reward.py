@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from rewards.code.pool import get_pool
 from rewards.code.sandbox import (
     Backend,
     BwrapBackend,
@@ -32,8 +31,6 @@ from rewards.code.sandbox import (
     RunResult,
     SandboxUnavailableError,
     UnsafeLocalBackend,
-    make_payload,
-    wall_timeout,
 )
 from rewards.registry import register_reward
 from rewards.text import completion_text
@@ -190,22 +187,12 @@ def make_backend(
 def run_jobs(
     jobs: Sequence[dict[str, Any] | None], backend: Backend, limits: Limits, workers: int
 ) -> list[RunResult | None]:
-    """Run every job in its own sandbox, at most ``workers`` at a time; None jobs are skipped.
+    """Run every job in its own sandbox, ``workers`` submitting at a time, through the
+    process-wide sandbox pool (:mod:`rewards.code.pool`); None jobs are skipped.
 
     Any exception becomes that run's error, never another run's.
     """
-
-    def one(job: dict[str, Any] | None) -> RunResult | None:
-        if job is None:
-            return None
-        try:
-            payload = make_payload(job, limits)
-            return backend.run(payload, wall_timeout(payload, limits))
-        except Exception as error:  # a broken run scores 0; it must not stop the batch
-            return RunResult(error=f"{type(error).__name__}: {error}", sandbox=backend.name)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, jobs))
+    return get_pool().run_jobs(jobs, backend, limits, workers)
 
 
 @register_reward("code")
@@ -249,7 +236,7 @@ def code_reward(
         make_job(code, spec) if spec is not None and code is not None else None
         for code, spec in zip(codes, specs, strict=True)
     ]
-    results = run_jobs(jobs, backend, limits, workers or max(1, min(8, os.cpu_count() or 1)))
+    results = run_jobs(jobs, backend, limits, workers or get_pool().size)
 
     scores: list[float | None] = []
     summaries: list[str] = []

@@ -149,6 +149,20 @@ def wall_timeout(payload: dict[str, Any], limits: Limits) -> float:
     return (limits.timeout_s + 0.5) * max(1, len(payload["cases"])) + 5.0
 
 
+# Every sandbox process running now, so that exit can kill them (rewards.code.pool).
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_running() -> None:
+    """Kill every sandbox this process has running (their whole process groups)."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for proc in running:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _run_process(
     argv: list[str],
     payload: dict[str, Any],
@@ -166,6 +180,8 @@ def _run_process(
         pass_fds=pass_fds,
         **popen,
     )
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
     try:
         # marshal: the driver reads it without importing json (trusted direction only).
         out, err = proc.communicate(encode_payload(payload, "M"), timeout=timeout)
@@ -179,6 +195,9 @@ def _run_process(
             proc.kill()
             out, err = b"", b"sandbox did not exit after SIGKILL"
         return out, err, True
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
 
 
 class UidPairs:

@@ -67,7 +67,12 @@ def resolve_tools(
     for index, spec in enumerate(specs):
         where = f"{key}.{index}"
         if spec in BUILTIN_TOOLS:
-            fn = BUILTIN_TOOLS[spec](builtin_deadline_s)
+            try:
+                fn = BUILTIN_TOOLS[spec](builtin_deadline_s)
+            except Exception as error:  # e.g. `python` without bubblewrap: say so at load
+                raise ToolError(
+                    f"{where}: the built-in tool {spec!r} cannot run: {error}"
+                ) from None
         elif ":" in spec:
             fn = load_object(spec, where)
         else:
