@@ -11,14 +11,12 @@ this machine: a stand-in speaks that wire format here, written the way vLLM writ
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import json
-import threading
 
 import numpy
 import pytest
 import torch
+from stand_ins import JsonServer
 
 from rl.config import ConfigError, load_config
 from rl.models import load_policy, load_tokenizer, resolve_model
@@ -44,56 +42,38 @@ def served_routing(positions: int, seed: int) -> numpy.ndarray:
     return numpy.array(pairs, dtype=numpy.uint8).reshape(positions, LAYERS, TOP_K)
 
 
-class RoutingServer:
+def routing_server(routing: bool) -> JsonServer:
     """/health, /v1/models and /v1/completions of a vLLM server: sample j of prompt i is the
     tokens 5, 6, ..., 5 + j (j + 1 of them) and, with ``routing``, its routed experts for every
-    position of prompt + completion but the last, as vLLM's V2 runner computes them."""
+    position of prompt + completion but the last, as vLLM's V2 runner computes them; what each
+    choice carried is kept in the server's ``sent``."""
+    sent: dict[int, numpy.ndarray] = {}
 
-    def __init__(self, routing: bool):
-        self.sent: dict[int, numpy.ndarray] = {}  # choice index -> the routing it carried
-        outer = self
+    def route(method: str, path: str, payload):
+        if path == "/v1/models":
+            return {"data": [{"id": "moe"}]}
+        if path != "/v1/completions":
+            return None
+        n, choices = payload.get("n", 1), []
+        for i, prompt in enumerate(payload["prompt"]):
+            for j in range(n):
+                index, ids = i * n + j, list(range(5, 6 + j))
+                choice = {
+                    "index": index,
+                    "token_ids": ids,
+                    "finish_reason": "length",
+                    "logprobs": {"token_logprobs": [-0.25] * len(ids)},
+                    "routed_experts": None,
+                }
+                if routing:
+                    sent[index] = served_routing(len(prompt) + len(ids) - 1, seed=index)
+                    choice["routed_experts"] = numpy2base64(sent[index])
+                choices.append(choice)
+        return {"choices": choices}
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, body):
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._reply({"data": [{"id": "moe"}]} if self.path == "/v1/models" else None)
-
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                n, choices = payload.get("n", 1), []
-                for i, prompt in enumerate(payload["prompt"]):
-                    for j in range(n):
-                        index, ids = i * n + j, list(range(5, 6 + j))
-                        choice = {
-                            "index": index,
-                            "token_ids": ids,
-                            "finish_reason": "length",
-                            "logprobs": {"token_logprobs": [-0.25] * len(ids)},
-                            "routed_experts": None,
-                        }
-                        if routing:
-                            routed = served_routing(len(prompt) + len(ids) - 1, seed=index)
-                            outer.sent[index] = routed
-                            choice["routed_experts"] = numpy2base64(routed)
-                        choices.append(choice)
-                self._reply({"choices": choices})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    server = JsonServer(route)
+    server.sent = sent
+    return server
 
 
 class Tokenizer:
@@ -106,17 +86,15 @@ class Tokenizer:
 
 
 @pytest.fixture
-def routing_server():
-    server = RoutingServer(routing=True)
-    yield server
-    server.close()
+def with_routing():
+    with routing_server(routing=True) as server:
+        yield server
 
 
 @pytest.fixture
-def plain_server():
-    server = RoutingServer(routing=False)
-    yield server
-    server.close()
+def without_routing():
+    with routing_server(routing=False) as server:
+        yield server
 
 
 def test_routed_experts_decode_as_vllm_encodes_them():
@@ -131,27 +109,27 @@ def test_routed_experts_decode_as_vllm_encodes_them():
         decode_routed_experts(numpy2base64(numpy.zeros((3, 2), dtype=numpy.uint8)))
 
 
-def test_the_servers_routing_reaches_every_rollout(routing_server):
-    engine = ServerEngine(routing_server.url, Tokenizer(), mode="reload", routed_experts=True)
+def test_the_servers_routing_reaches_every_rollout(with_routing):
+    engine = ServerEngine(with_routing.url, Tokenizer(), mode="reload", routed_experts=True)
     prompts = [Prompt(0, "q", [1, 2, 3], {}), Prompt(1, "r", [4, 2], {})]
     rollouts = engine.generate(prompts, 3, SamplingSettings(max_tokens=4))
     for index, rollout in enumerate(rollouts):
         rows = len(rollout.prompt.ids) + len(rollout.completion_ids) - 1
         assert tuple(rollout.routed_experts.shape) == (rows, LAYERS, TOP_K)
         assert rollout.routed_experts.dtype == torch.uint8
-        assert rollout.routed_experts.tolist() == routing_server.sent[index].tolist()
+        assert rollout.routed_experts.tolist() == with_routing.sent[index].tolist()
 
 
-def test_a_server_without_routing_is_refused_when_replay_is_asked_for(plain_server):
+def test_a_server_without_routing_is_refused_when_replay_is_asked_for(without_routing):
     with pytest.raises(ServerError, match="--enable-return-routed-experts"):
-        ServerEngine(plain_server.url, Tokenizer(), mode="reload", routed_experts=True)
+        ServerEngine(without_routing.url, Tokenizer(), mode="reload", routed_experts=True)
     # without replay the rollouts go without routing (the MoE metrics lack the mismatch)
-    engine = ServerEngine(plain_server.url, Tokenizer(), mode="reload")
+    engine = ServerEngine(without_routing.url, Tokenizer(), mode="reload")
     (rollout,) = engine.generate([Prompt(0, "q", [1, 2], {})], 1, SamplingSettings(max_tokens=2))
     assert rollout.routed_experts is None
 
 
-def test_set_up_takes_replay_with_a_server_that_returns_routing(routing_server, plain_server):
+def test_set_up_takes_replay_with_a_server_that_returns_routing(with_routing, without_routing):
     """The training set-up builds the server engine with replay (no longer refused), and turns a
     server that returns no routing into one line of configuration error."""
     from rl.setup import _sampling_engine, build_routing
@@ -160,7 +138,7 @@ def test_set_up_takes_replay_with_a_server_that_returns_routing(routing_server, 
     folder = resolve_model(name)
     model = load_policy(folder, "float32")
     tokenizer = load_tokenizer(folder)
-    for server, refused in ((routing_server, False), (plain_server, True)):
+    for server, refused in ((with_routing, False), (without_routing, True)):
         config = load_config(
             None,
             [
