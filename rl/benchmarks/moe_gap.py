@@ -9,7 +9,8 @@ reproduces the paper's two conditions:
 
 - the sampler is the colocated vLLM engine in ``--sampler-dtype`` (bfloat16: its CPU kernels in
   bf16, the GPU default), the trainer the transformers model in ``--trainer-dtype`` (float32 by
-  default, aha's training dtype on a CPU);
+  default, aha's training dtype on a CPU; ``--trainer-autocast``: float32 weights under bf16
+  autocast, the arithmetic of aha's GPU default ``train.bf16_autocast``);
 - the experts differ: on the upcycled ``smollm2-135m-moe`` every expert is moved off its copy by
   a documented perturbation, ``W_e + sigma * rms(W) * N(0, 1)`` drawn independently per expert
   and per weight (``--sigmas``; 0 keeps the copies, which isolates the bf16 rounding that
@@ -25,7 +26,8 @@ paper's other figure), and |trainer - sampler| log-prob of the sampled tokens (m
 percentile and max over the model's tokens; ``sampling/logp_gap`` is the mean).
 
     python -m rl.benchmarks.moe_gap [--model smollm2-135m-moe] [--sigmas 0 0.05 0.2]
-        [--sampler-dtype bfloat16] [--trainer-dtype float32] [--prompts 16] [--samples 4]
+        [--sampler-dtype bfloat16] [--trainer-dtype float32] [--trainer-autocast] [--prompts 16]
+        [--samples 4]
         [--max-tokens 64] [--temperature 0.5] [--out /tmp/moe-gap]
 """
 
@@ -131,7 +133,9 @@ def measure(engine, model, routing, own, prompts, args, pad_id: int) -> dict:
         trainer, sampler, masks, differing, known = [], [], [], 0, 0
         for first in range(0, len(rollouts), args.micro_batch):
             batch = collate(rollouts[first : first + args.micro_batch], pad_id)
-            with torch.no_grad():
+            # --trainer-autocast: float32 weights, bf16 matmuls, as aha's trainer runs on a GPU
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.trainer_autocast)
+            with torch.no_grad(), autocast:
                 logps = completion_logps(model, batch, args.temperature, routing=routing)[0]
             trainer.append(logps.flatten())
             sampler.append(batch.sampler_logps.flatten())
@@ -156,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.05, 0.2])
     parser.add_argument("--sampler-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--trainer-dtype", default="float32", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--trainer-autocast",
+        action="store_true",
+        help="score under bf16 autocast (train.bf16_autocast, the GPU default)",
+    )
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts")
     parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -208,21 +217,20 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     finally:
         engine.close()
+    trainer = args.trainer_dtype + ("-autocast-bf16" if args.trainer_autocast else "")
     report = {
         "model": args.model,
         "sampler": f"vLLM {args.sampler_dtype}",
-        "trainer": f"transformers {args.trainer_dtype}",
+        "trainer": f"transformers {trainer}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.model}-{args.sampler_dtype}-vs-{args.trainer_dtype}.json"
+    name = f"{args.model}-{args.sampler_dtype}-vs-{trainer}.json"
     (args.out / name).write_text(json.dumps(report, indent=2))
 
-    print(
-        f"\n{args.model}: vLLM {args.sampler_dtype} samples, transformers {args.trainer_dtype} scores"
-    )
+    print(f"\n{args.model}: vLLM {args.sampler_dtype} samples, transformers {trainer} scores")
     print(
         "| sigma | router mismatch | tokens routed differently | |dlogp| mean off -> r3 | "
         "p99 off -> r3 | max off -> r3 | cut (mean) |"
