@@ -129,7 +129,9 @@ class RolloutConfig:
     # Mixture-of-experts policies (docs/moe.md): "r3" routes each token of the trainer's
     # forwards (old, current and reference log-probs) to the experts the sampler routed it to,
     # with gate weights from the trainer's own router logits (R3, arXiv 2510.11370); "off" lets
-    # the trainer's router choose. moe/router_mismatch is logged either way.
+    # the trainer's router choose. moe/router_mismatch is logged either way. With server_url
+    # the server must return the experts: vLLM with --enable-return-routed-experts (a CUDA
+    # server, VLLM_USE_V2_MODEL_RUNNER=1), checked at start.
     routing_replay: Literal["off", "r3"] = "off"
 
     # Multi-turn rollouts (docs/multiturn.md): the model calls tools or acts in an environment,

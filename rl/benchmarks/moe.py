@@ -8,6 +8,9 @@ time (where replay costs), ``moe/router_mismatch`` and ``sampling/logp_gap`` ave
 steps, and held-out accuracy before and after. The routed experts' size per token is
 layers x top-k bytes (uint8 indices).
 
+Whether replay cuts the trainer/sampler gap is measured by ``python -m rl.benchmarks.moe_gap``
+(a bf16 sampler, experts that differ): in float32 vLLM routes as the trainer does here.
+
     python -m rl.benchmarks.moe [--steps 6] [--eval-size 32] [--engine vllm]
         [--dense-run /tmp/mainjob-1203] [--out /tmp/moe-bench]
 """
