@@ -178,7 +178,7 @@ def load_trained_policy(config: Config, model_folder: Path, checkpoint: Path | N
     return model
 
 
-def build_routing(config: Config, model, ref_model):
+def build_routing(config: Config, model, ref_model, dist: Distributed | None = None):
     """A mixture-of-experts policy's router patch (rl/moe), hooked into the policy and its
     reference copy before any wrapping; None for a dense model, where the MoE keys must be off."""
     from rl.moe.families import UnsupportedMoEError
@@ -201,6 +201,15 @@ def build_routing(config: Config, model, ref_model):
         raise ConfigError(
             "rollout.routing_replay=r3: a vLLM server (rollout.server_url) does not report the "
             "experts it routed each token to here; use the colocated vLLM or transformers engine"
+        )
+    zero3 = dist is not None and dist.zero_stage == 3
+    if routing is not None and zero3 and config.train.share_prompts:
+        raise ConfigError(
+            "train.share_prompts: a mixture-of-experts policy under DeepSpeed ZeRO-3 needs "
+            "train.share_prompts: false. A shared prompt runs every expert block twice in a "
+            "micro-batch (the prompt, then the completions on its cache), and ZeRO-3's "
+            "gradient reduction then fails on the experts' fused weights (a parameter twice "
+            "in one reduction bucket); FSDP2 and ZeRO-2 take shared prompts"
         )
     return routing
 
@@ -278,7 +287,7 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
             load_policy(model_folder, config.model.dtype).to(device).eval().requires_grad_(False)
         )
 
-    routing = build_routing(config, model, ref_model)  # None for a dense policy
+    routing = build_routing(config, model, ref_model, dist)  # None for a dense policy
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters,
