@@ -180,7 +180,7 @@ def load_trained_policy(config: Config, model_folder: Path, checkpoint: Path | N
     return model
 
 
-def build_routing(config: Config, model, ref_model):
+def build_routing(config: Config, model, ref_model, dist: Distributed | None = None):
     """A mixture-of-experts policy's router patch (rl/moe), hooked into the policy and its
     reference copy before any wrapping; None for a dense model, where the MoE keys must be off."""
     from rl.moe.families import UnsupportedMoEError
@@ -194,6 +194,15 @@ def build_routing(config: Config, model, ref_model):
     if routing is None and (replay or aux > 0):
         key = "rollout.routing_replay" if replay else "algorithm.router_aux_loss_coef"
         raise ConfigError(f"{key}: {config.model.name} is not a mixture-of-experts model")
+    zero3 = dist is not None and dist.zero_stage == 3
+    if routing is not None and zero3 and config.train.share_prompts:
+        raise ConfigError(
+            "train.share_prompts: a mixture-of-experts policy under DeepSpeed ZeRO-3 needs "
+            "train.share_prompts: false. A shared prompt runs every expert block twice in a "
+            "micro-batch (the prompt, then the completions on its cache), and ZeRO-3's "
+            "gradient reduction then fails on the experts' fused weights (a parameter twice "
+            "in one reduction bucket); FSDP2 and ZeRO-2 take shared prompts"
+        )
     return routing
 
 
@@ -270,7 +279,7 @@ def build(config: Config, checkpoint: Path | None = None, dist: Distributed | No
             load_policy(model_folder, config.model.dtype).to(device).eval().requires_grad_(False)
         )
 
-    routing = build_routing(config, model, ref_model)  # None for a dense policy
+    routing = build_routing(config, model, ref_model, dist)  # None for a dense policy
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters,

@@ -97,6 +97,7 @@ class FSDP2(DataParallel):
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         accelerator = self.dist.accelerator
         plugin = accelerator.state.fsdp_plugin
+        wrap_by_own_layers(plugin)
         plugin.mixed_precision_policy = reduce_in_float32(plugin.mixed_precision_policy)
         model, _ = accelerator.prepare(model, optimizer)
         for module in model.modules():
@@ -112,6 +113,7 @@ class FSDP2(DataParallel):
         """Sharded as the policy, no optimizer (the reference, a teacher)."""
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
+        wrap_by_own_layers(self.dist.accelerator.state.fsdp_plugin)
         return fsdp2_prepare_model(self.dist.accelerator, model)
 
     def clip_and_step(self, optimizer, parameters, max_norm: float, discard: bool) -> Update:
@@ -159,6 +161,20 @@ class FSDP2(DataParallel):
         set_optimizer_state_dict(
             model, optimizer, state, options=StateDictOptions(full_state_dict=True)
         )
+
+
+def wrap_by_own_layers(plugin) -> None:
+    """Each model sharded at its own decoder layers. accelerate resolves the layer classes to
+    wrap (a model's ``_no_split_modules``) on the first model it prepares and keeps them in its
+    plugin: a later model of another architecture (a teacher, or a new policy in the same
+    process) is refused with "Could not find the transformer layer class MixtralDecoderLayer".
+    The plugin's wrap settings go back to what the accelerate config said before each model;
+    classes the config names itself (``fsdp_transformer_layer_cls_to_wrap``) still apply."""
+    configured = getattr(plugin, "_aha_configured_wrap", None)
+    if configured is None:
+        configured = (plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap)
+        plugin._aha_configured_wrap = configured
+    plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = configured
 
 
 def reduce_in_float32(policy):
