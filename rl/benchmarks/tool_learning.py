@@ -5,11 +5,13 @@ its finished children: the figure that does not depend on how busy the machine i
 
 1. the base rate: held-out accuracy of the base model without the tool (single turn) and with
    it (does it call the tool at all?);
-2. warm-up data: a few dozen tool-use conversations written from a template on training rows
+2. warm-up data: a dozen tool-use conversations written from a template on training rows
    (levels 4-5, never the held-out ones): the question, a ``<tool_call>`` to the calculator
    with the right expression, its result, and "The answer is N." (R1's cold start: the base
    model never calls a tool, so RL alone has nothing to reinforce);
-3. the warm-up: `aha distill sft` on them (a call turn and an answer turn per conversation);
+3. the warm-up: `aha distill sft` on them (a call turn and an answer turn per conversation),
+   3 steps only (WARMUP below), so that RL starts from a model that calls the tool but is
+   often wrong;
 4. RL: `aha train configs/tools.yaml` from the warm-up's checkpoint; its held-out evaluations
    before and after are the post-warm-up and post-RL figures.
 
