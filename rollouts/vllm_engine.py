@@ -222,9 +222,15 @@ def _import_vllm():
 
 class _ProcessStateGuard:
     """vLLM's start-up reseeds every RNG and sets LD_PRELOAD for its OpenMP; restore both so the
-    trainer's sampling order and any child process (reward sandboxes) are unaffected."""
+    trainer's sampling order and any child process (reward sandboxes) are unaffected. Its CPU
+    worker also replaces ``torch.set_num_threads`` with a no-op that only warns (meant for its
+    own worker processes, whose OpenMP threads it pins; in-process it pins nothing): restored, or
+    every later ``train.threads`` in this process (an SFT run after a vLLM evaluation) would be
+    silently ignored."""
 
     def __enter__(self) -> _ProcessStateGuard:
+        self.set_num_threads = torch.set_num_threads
+        self.num_threads = torch.get_num_threads()
         self.python_rng = random.getstate()
         self.torch_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if _has_cuda() else None
@@ -238,6 +244,8 @@ class _ProcessStateGuard:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads = self.set_num_threads
+        torch.set_num_threads(self.num_threads)
         random.setstate(self.python_rng)
         torch.set_rng_state(self.torch_rng)
         if self.cuda_rng is not None:

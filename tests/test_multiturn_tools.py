@@ -473,3 +473,24 @@ def test_the_warm_up_conversations_call_the_calculator_as_the_turn_loop_would():
         result, answer = answer_row["messages"][-2:]
         assert result == {"role": "tool", "name": "calculator", "content": answer_row["answer"]}
         assert answer["content"] == f"The answer is {answer_row['answer']}."
+
+
+def test_the_tool_learning_table_reads_the_report_as_it_is():
+    """The benchmark's markdown table shows each stage's figures from report.json, rounded to
+    two places, '-' for the stage without a tool, and skips a stage the run did not measure."""
+    from rl.benchmarks.tool_learning import table
+
+    report = {
+        "base_without_tool": {"accuracy": 0.15},
+        "after_warmup": {
+            "accuracy": 0.4,
+            "tools/well_formed_frac": 0.97,
+            "tools/turns/mean": 1.97,
+        },
+        "after_rl": {"accuracy": 0.656, "tools/well_formed_frac": 1.0, "tools/turns/mean": 2.0},
+    }
+    assert table(report).splitlines()[2:] == [
+        "| base model, no tool | 0.15 | - | 1.00 |",
+        "| after the warm-up | 0.40 | 0.97 | 1.97 |",
+        "| after RL | 0.66 | 1.00 | 2.00 |",
+    ]

@@ -145,6 +145,19 @@ def test_sampler_logps_are_the_processed_distribution(
         )
 
 
+def test_the_process_keeps_its_thread_setting(engine):
+    """vLLM's CPU worker replaces torch.set_num_threads with a warning no-op at start-up; the
+    engine puts the real one back, so a later train.threads (an SFT run after a vLLM evaluation,
+    in the same process) still takes effect."""
+    threads = torch.get_num_threads()
+    other = 2 if threads == 1 else 1  # a change the no-op would leave undone
+    try:
+        torch.set_num_threads(other)
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_weight_sync_makes_vllm_match_the_trainer(engine, prompts, tiny_folder, tiny_tokenizer):
     """The proof: after update_weights vLLM scores a fixed sequence as the trainer does, and
     before it does not."""
