@@ -294,15 +294,28 @@ def _merged_tensors(
     table itself, handed on right after it (a later ``lm_head.weight``, if any, wins)."""
     bases: dict[str, tuple[str, torch.Tensor]] = {}  # module -> its base weight, waiting
     adapters: dict[str, dict[str, torch.Tensor]] = {}  # module -> lora_A / lora_B, waiting
+    experts: dict[str, _ExpertAdapters] = {}  # experts module -> its wrapped fused weights
     for name, tensor in named_tensors:
         name, tensor = name.removeprefix(PEFT_PREFIX), tensor.detach()
         module, kind = _lora_part(name)
+        root = module.split(".base_layer")[0]
+        if kind is not None and lora_scaling is None:
+            raise ValueError(
+                "LoRA tensors pushed to the vLLM engine without lora_scaling (alpha / r)"
+            )
+        if root in experts and (kind is not None or ".base_layer." in name):
+            waiting = experts[root]
+            waiting.add(module, kind, name, tensor)
+            if waiting.complete():
+                yield from waiting.merged(lora_scaling)
+                del experts[root]
+            continue
         if kind is not None:  # an adapter matrix, folded into its base weight
-            if lora_scaling is None:
-                raise ValueError(
-                    "LoRA tensors pushed to the vLLM engine without lora_scaling (alpha / r)"
-                )
             adapters.setdefault(module, {}).setdefault(kind, tensor)
+        elif ".base_layer." in name and tensor.dim() == 3:  # an expert weight peft wraps
+            experts[root] = _ExpertAdapters()
+            experts[root].add(module, None, name, tensor)
+            continue
         elif ".lora_" in name:
             continue  # other adapter kinds (embedding, DoRA magnitude): not pushed
         elif ".base_layer." in name and name.endswith(".weight"):
@@ -320,6 +333,67 @@ def _merged_tensors(
             yield base_name, _merged(base, parts["lora_A"], parts["lora_B"], lora_scaling)
     for base_name, base in bases.values():  # a base layer without its two matrices: as it is
         yield base_name, base
+    for waiting in experts.values():  # expert weights whose adapters never came: as they are
+        yield from waiting.bases.items()
+
+
+class _ExpertAdapters:
+    """A MoE layer's fused expert weights under peft's ``target_parameters`` LoRA, waiting for
+    their adapters. peft nests one ``ParamWrapper`` per targeted parameter, so the weights are
+    named ``experts.base_layer.base_layer.gate_up_proj`` (as many ``base_layer`` as wrappers)
+    and the adapter pairs sit at ``experts``, ``experts.base_layer``, ...; which pair adapts
+    which weight is not in the names, so each weight takes the one pair whose shapes fit it."""
+
+    def __init__(self) -> None:
+        self.bases: dict[str, torch.Tensor] = {}  # checkpoint name -> fused [E, ., .] weight
+        self.pairs: dict[str, dict[str, torch.Tensor]] = {}  # wrapper -> lora_A / lora_B
+        self.wrappers = 0
+
+    def add(self, module: str, kind: str | None, name: str, tensor: torch.Tensor) -> None:
+        if kind is None:
+            self.wrappers = max(self.wrappers, name.count(".base_layer"))
+            self.bases[name.replace(".base_layer", "")] = tensor
+        else:
+            self.pairs.setdefault(module, {})[kind] = tensor
+
+    def complete(self) -> bool:
+        return len(self.pairs) == self.wrappers and all(len(p) == 2 for p in self.pairs.values())
+
+    def merged(self, scaling: float) -> Iterator[tuple[str, torch.Tensor]]:
+        pairs = list(self.pairs.values())
+        for name, base in self.bases.items():
+            fitting = [p for p in pairs if _expert_delta_layout(base, p["lora_A"], p["lora_B"])]
+            if len(fitting) != 1:
+                raise ValueError(f"{name}: {len(fitting)} LoRA adapter pairs fit its shape")
+            pairs.remove(fitting[0])
+            yield name, _merged_experts(base, fitting[0]["lora_A"], fitting[0]["lora_B"], scaling)
+
+
+def _expert_delta_layout(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """peft's layout of a fused expert weight [E, out, in] ("eoi", transformers' MoE families)
+    or [E, in, out] ("eio", modules marked ``is_transposed``), from the shapes of its adapter:
+    A [E * r, in], B [out, E * r]; None if the pair does not fit."""
+    experts, first, second = base.shape
+    if a.shape[0] != b.shape[1] or a.shape[0] % experts:
+        return None
+    if (b.shape[0], a.shape[1]) == (first, second):
+        return "eoi"
+    if (a.shape[1], b.shape[0]) == (first, second):
+        return "eio"
+    return None
+
+
+def _merged_experts(
+    base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``W + scaling * delta`` per expert, peft's ``ParamWrapper.get_delta_weight``: A [E*r, in]
+    read as [E, r, in], B [out, E*r] as [out, r, E] (peft's interleaving, not [out, E, r])."""
+    experts = base.shape[0]
+    a3 = a.float().reshape(experts, -1, a.shape[-1])
+    b3 = b.float().reshape(b.shape[0], -1, experts)
+    layout = _expert_delta_layout(base, a, b)
+    delta = torch.einsum(f"ore,eri->{'eoi' if layout == 'eoi' else 'eio'}", b3, a3) * scaling
+    return (base.float() + delta).to(base.dtype)
 
 
 def _lora_part(name: str) -> tuple[str, str | None]:

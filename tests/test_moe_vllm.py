@@ -99,10 +99,16 @@ def test_weight_sync_of_the_experts_and_replay(setup):
         engine.update_weights(model.named_parameters(), version=3)
 
 
-def test_two_step_run_with_vllm_and_replay(setup, tmp_path, tiny_overrides):
+@pytest.mark.parametrize(
+    "lora",
+    [[], ["model.lora.enabled=true", "model.lora.experts=true", "train.learning_rate=0.01"]],
+    ids=["full", "lora-experts"],
+)
+def test_two_step_run_with_vllm_and_replay(setup, tmp_path, tiny_overrides, lora):
     """`aha train configs/tiny.yaml model.name=tiny-random-qwen3-moe rollout.engine=vllm
     rollout.routing_replay=r3`: the run builds its own engine, which reports the routing the
-    trainer replays, and takes the trainer's MoE weights after step 1."""
+    trainer replays, and takes the trainer's MoE weights after step 1 (with LoRA on attention
+    and experts: merged into them before the push)."""
     import json
 
     from rl.config import load_config
@@ -118,6 +124,7 @@ def test_two_step_run_with_vllm_and_replay(setup, tmp_path, tiny_overrides):
             "rollout.kv_cache_gb=1",
             "rollout.routing_replay=r3",
             "data.eval_size=0",
+            *lora,
         ],
     )
     summary = train(config, progress=False)

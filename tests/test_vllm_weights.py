@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rl.config import LoraConfig
@@ -36,6 +37,38 @@ def test_lora_is_merged_like_peft_merge_and_unload():
     # 1e-6 of exact, in any order. A wrong scaling or a transposed product is off by 0.1 and more.
     for name, tensor in merged.items():
         assert torch.allclose(pushed[name], tensor, rtol=0, atol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny-random-qwen3-moe",
+        "tiny-random-mixtral",
+        "tiny-random-olmoe",
+        "tiny-random-deepseek-v3",
+    ],
+)
+def test_expert_lora_is_merged_like_peft_merge_and_unload(name):
+    """LoRA on the fused expert weights (peft's target_parameters, one nested wrapper per
+    weight): pushed merged, as peft merges them; before this was tested the adapters were
+    dropped and vLLM sampled the base experts (sampling/logp_gap 0.016 from step 2 on)."""
+    lora = LoraConfig(enabled=True, r=4, alpha=8, experts=True)
+    model = load_policy(resolve_model(name), "float32", lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    assert any(".experts.lora_B" in n for n, _ in model.named_parameters())
+    pushed = dict(
+        vllm_named_tensors(model.named_parameters(), True, lora_scaling=lora.alpha / lora.r)
+    )
+    merged = dict(model.merge_and_unload().named_parameters())  # buffers are not pushed
+    assert not any("lora" in n or "base_layer" in n for n in pushed)
+    assert {n for n in merged if "experts" in n} <= set(pushed)
+    # per expert the same 4-term product as the dense case above: the same 1e-5
+    for tensor_name, tensor in merged.items():
+        assert torch.allclose(pushed[tensor_name], tensor, rtol=0, atol=1e-5), tensor_name
 
 
 def test_kv_cache_size_follows_free_memory():
