@@ -64,6 +64,22 @@ def tiny_logp_error(
 LOGP_TOLERANCE = 5e-4
 assert 2 * tiny_logp_error(logit_magnitude=3.4) <= LOGP_TOLERANCE
 
+# Longer chains of the tiny models, for runs whose sampler and trainer are float32 both:
+# - the tiny MoE families (rl/moe/tiny.py), per layer up to ~1330 terms: DeepSeek-V3's MLA
+#   (q_a 64, q_b 32, kv_a 64, its norm and kv_b 288 each, scores 64, o_proj 128), the router (64),
+#   an expert (64, 32), the top-2 and shared-expert combine; OLMoE's hidden 128 gives ~1070;
+# - multi-turn trajectories of the dense model, attending up to 200 positions (2 x 200 terms
+#   per layer for the softmax and the weighted sum instead of 2 x 40).
+# The logits' sum_k |h_k w_k| is at most 2.2 for the MoE families at temperature 1 (OLMoE;
+# measured over 160 positions, as for the dense model above); 3.4 allows for trained weights,
+# as for the dense model's moved copy. Twice the bound, as every comparison here, and 2x margin
+# for the terms left uncounted (norms' reductions, the router's softmax).
+TINY_MOE_FORWARD_TERMS = 2 * 1330 + 64 + 64
+TINY_MULTITURN_FORWARD_TERMS = TINY_FORWARD_TERMS + 2 * 2 * (200 - TINY_ATTENDED)
+LONG_CHAIN_LOGP_TOLERANCE = 1e-3
+for _terms in (TINY_MOE_FORWARD_TERMS, TINY_MULTITURN_FORWARD_TERMS):
+    assert 2 * 2 * tiny_logp_error(_terms, logit_magnitude=3.4) <= LONG_CHAIN_LOGP_TOLERANCE
+
 # bfloat16 keeps 8 significant bits: unit roundoff 2^-8 = 3.9e-3, so large that the bounds above
 # say nothing useful (the worst case over the tiny model's ~20 rounding stages is 0.16 of the
 # logits' magnitude). The roundings of independent weights and activations have independent

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURES, ROOT
-from numerics import LOGP_TOLERANCE
+from numerics import LOGP_TOLERANCE, LONG_CHAIN_LOGP_TOLERANCE
 from test_distributed import DEEPSPEED_ENV, FSDP2_ENV, process_environment, spawn_two
 
 from rl.moe.tiny import TINY_MOE
@@ -198,8 +198,10 @@ def test_moe_families_train_on_two_processes(tmp_path, scheme):
         for step, m in enumerate(first["metrics"]):
             where = (case, step)
             assert m["grad_norm"] > 0 and math.isfinite(m["loss"]), where
-            # the engine routes with the weights the trainer replays over (tests/test_moe_runs.py)
-            assert m["moe/router_mismatch"] < 0.01 and m["sampling/logp_gap"] < 1e-3, where
+            # the engine routes with the weights the trainer replays over (tests/test_moe_runs.py);
+            # the log-prob bound: tests/numerics.py
+            assert m["moe/router_mismatch"] < 0.01, where
+            assert m["sampling/logp_gap"] < LONG_CHAIN_LOGP_TOLERANCE, where
             own = [r["local"][step] for r in (first, second)]
             for counters in own:  # every real token to exactly top_k experts in each layer
                 per_layer = counters["counts"][layers].sum(dim=-1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import LOGP_TOLERANCE
+from numerics import LOGP_TOLERANCE, LONG_CHAIN_LOGP_TOLERANCE
 
 from rl.batch import collate, completion_logps
 from rl.models import load_policy, load_tokenizer, resolve_model
@@ -137,8 +137,11 @@ def test_two_step_run_with_vllm_and_replay(setup, tmp_path, tiny_overrides, lora
     lines = (summary.run_dir / "metrics.jsonl").read_text().splitlines()
     steps = [m for m in map(json.loads, lines) if "loss" in m]
     assert [s["step"] for s in steps] == [1, 2]
-    for s in steps:  # step 2 samples with the weights step 1 pushed
-        assert s["sampling/logp_gap"] < 1e-3 and s["moe/router_mismatch"] < 0.02
+    # step 2 samples with the weights step 1 pushed: float32 both sides over the tiny MoE's
+    # chain (tests/numerics.py); the near-ties of the first test above for the routers
+    for s in steps:
+        assert s["sampling/logp_gap"] < LONG_CHAIN_LOGP_TOLERANCE
+        assert s["moe/router_mismatch"] < 0.02
 
 
 @pytest.mark.slow

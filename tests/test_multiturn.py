@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from conftest import FIXTURES, ROOT
+from numerics import LONG_CHAIN_LOGP_TOLERANCE
 from safetensors.torch import load_file
 
 from rl.batch import collate, completion_logps
@@ -406,7 +407,8 @@ def test_two_multi_turn_steps_of_the_tiny_model(tmp_path, monkeypatch):
     for m in steps:
         assert m["tools/turns/mean"] > 1 and m["tools/calls/mean"] > 0
         assert m["tools/error_frac"] == 0.0 and m["tools/env_tokens/mean"] > 0
-        assert m["sampling/logp_gap"] < 1e-3 and math.isfinite(m["loss"])
+        # float32 engine and trainer over a trajectory: tests/numerics.py
+        assert m["sampling/logp_gap"] < LONG_CHAIN_LOGP_TOLERANCE and math.isfinite(m["loss"])
         assert m["tokens"] < m["update_tokens"]
     assert any("eval/tools/turns/mean" in m for m in lines)
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
