@@ -77,6 +77,8 @@ assert 2 * tiny_logp_error(logit_magnitude=3.4) <= LOGP_TOLERANCE
 TINY_MOE_FORWARD_TERMS = 2 * 1330 + 64 + 64
 TINY_MULTITURN_FORWARD_TERMS = TINY_FORWARD_TERMS + 2 * 2 * (200 - TINY_ATTENDED)
 LONG_CHAIN_LOGP_TOLERANCE = 1e-3
+# (The untrained dense model's trajectory, logits' magnitude 1.4: within LOGP_TOLERANCE.)
+assert 2 * tiny_logp_error(TINY_MULTITURN_FORWARD_TERMS, logit_magnitude=1.4) <= LOGP_TOLERANCE
 for _terms in (TINY_MOE_FORWARD_TERMS, TINY_MULTITURN_FORWARD_TERMS):
     assert 2 * 2 * tiny_logp_error(_terms, logit_magnitude=3.4) <= LONG_CHAIN_LOGP_TOLERANCE
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 from conftest import FIXTURES, ROOT
-from numerics import LONG_CHAIN_LOGP_TOLERANCE
+from numerics import LOGP_TOLERANCE, LONG_CHAIN_LOGP_TOLERANCE
 from safetensors.torch import load_file
 
 from rl.batch import collate, completion_logps
@@ -327,7 +327,10 @@ def forced_call(text: str) -> Parsed:
 def test_transformers_engine_log_probs_align_across_turns(tiny_folder, tiny_tokenizer):
     """Sampled on the transformers engine, recomputed by the trainer on the collated batch: the
     same log-prob for every model token of every turn (fp32 both; the decode with a cache and
-    the full forward differ in summation order, ~1e-6; 1e-4 as the vLLM tests allow)."""
+    the full forward differ in summation order, ~1e-6 here). The bound is the derived
+    LOGP_TOLERANCE, as for the vLLM twin in tests/test_multiturn_vllm.py: the trajectory's
+    longer chain (TINY_MULTITURN_FORWARD_TERMS) at the untrained model's logit magnitude (1.4)
+    stays within it; the former 1e-4 lay below the 2e-4 the arithmetic allows on another CPU."""
     from rollouts.hf_engine import TransformersEngine
 
     torch.manual_seed(0)
@@ -351,7 +354,7 @@ def test_transformers_engine_log_probs_align_across_turns(tiny_folder, tiny_toke
         logps, _ = completion_logps(model, batch, 1.0)
     mask = batch.completion_mask.bool()
     gap = (logps - batch.sampler_logps).abs()[mask]
-    assert gap.numel() > 0 and float(gap.max()) < 1e-4
+    assert gap.numel() > 0 and float(gap.max()) < LOGP_TOLERANCE
     for rollout in rollouts:  # the environment's tokens are the template's tool turns
         text = tiny_tokenizer.decode(
             [t for t, m in zip(rollout.completion_ids, rollout.model_mask, strict=True) if not m]
