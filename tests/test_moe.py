@@ -328,7 +328,7 @@ def test_weights_reach_vllm_in_the_checkpoint_layout(name):
     from safetensors.torch import load_file
 
     from rl.moe.policy import checkpoint_layout
-    from rollouts.vllm_engine import vllm_named_tensors
+    from rollouts.weights import vllm_named_tensors
 
     folder = resolve_model(name)
     model = load_policy(folder, "float32")

@@ -227,7 +227,7 @@ def test_vllm_push_merges_each_layer_as_soon_as_it_is_drawn():
     so the push holds one layer's tensors at most."""
     from rl.config import LoraConfig
     from rl.models import load_policy, resolve_model
-    from rollouts.vllm_engine import PEFT_PREFIX, vllm_named_tensors
+    from rollouts.weights import PEFT_PREFIX, vllm_named_tensors
 
     lora = LoraConfig(enabled=True, r=4, alpha=8)
     model = load_policy(resolve_model("tiny-random"), "float32", lora)

@@ -7,7 +7,8 @@ import torch
 
 from rl.config import LoraConfig
 from rl.models import load_policy, resolve_model
-from rollouts.vllm_engine import auto_kv_cache_gb, vllm_named_tensors
+from rollouts.vllm_engine import auto_kv_cache_gb
+from rollouts.weights import vllm_named_tensors
 
 
 def test_tied_embeddings_get_an_lm_head():

@@ -203,7 +203,7 @@ class InPlaceEngine:
         self.lora_scaling, self.streamed, self.samples = lora_scaling, streamed, []
 
     def update_weights(self, named_tensors, version: int) -> None:
-        from rollouts.vllm_engine import vllm_named_tensors
+        from rollouts.weights import vllm_named_tensors
 
         weights = vllm_named_tensors(named_tensors, True, self.lora_scaling)
         if not self.streamed:  # the code before: every tensor of the push at once
